@@ -268,7 +268,11 @@ def load_adapter(
         module = model.get_submodule(name)
         if isinstance(module, LinearWithLoRA):
             module.unmerge_weights()
-            lora = module.add_adapter(adapter_name, r, alpha, dropout)
+            if adapter_name in module.adapters and module.adapter(adapter_name).rank == r:
+                lora = module.adapter(adapter_name)  # reuse: an optimizer may hold these
+                lora.alpha, lora.scaling = alpha, alpha / r
+            else:
+                lora = module.add_adapter(adapter_name, r, alpha, dropout)
             module.active_adapter = adapter_name
         else:
             wrapper = LinearWithLoRA(module, r, alpha, dropout, adapter_name)

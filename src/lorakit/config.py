@@ -1,0 +1,218 @@
+"""Run configuration: YAML shaped like the learning note's config.yaml, in typed dataclasses.
+
+Every field is also a command-line flag (``--rank``, ``--learning_rate``, ...); the field's
+``help`` becomes its ``--help`` text. Unknown keys, wrong types and impossible values are
+``LoraKitError``s with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lorakit.errors import LoraKitError
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class LoraSettings:
+    rank: int = _help("LoRA rank r", default=8)
+    alpha: float = _help("LoRA scaling alpha (update is scaled by alpha/rank)", default=16.0)
+    dropout: float = _help("dropout on the LoRA branch input", default=0.05)
+    target_modules: list[str] = _help(
+        "layer names (exact or dotted suffix) to wrap with LoRA",
+        default_factory=lambda: ["query", "key", "value", "dense"],
+    )
+
+    def check(self) -> None:
+        _require(self.rank > 0, f"lora.rank must be positive, got {self.rank}")
+        _require(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _require(bool(self.target_modules), "lora.target_modules must not be empty")
+
+
+@dataclass
+class TrainingSettings:
+    num_epochs: int = _help("number of passes over the training data", default=3)
+    batch_size: int = _help("examples per optimizer step (before accumulation)", default=16)
+    learning_rate: float = _help("peak AdamW learning rate", default=3e-4)
+    max_length: int = _help("tokens per example; longer inputs are truncated", default=128)
+    warmup_ratio: float = _help("fraction of steps of linear warmup", default=0.1)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    gradient_accumulation_steps: int = _help("batches per optimizer step", default=1)
+    max_grad_norm: float = _help("gradient clipping norm (0 disables)", default=1.0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
+        "autocast precision; auto = bf16 where the hardware runs it fast, else fp32", default="auto"
+    )
+    gradient_checkpointing: bool = _help("recompute activations to save memory", default=False)
+    group_by_length: bool = _help("batch examples of similar length (less padding)", default=True)
+    seed: int = _help("random seed (data order, LoRA init, dropout)", default=42)
+    device: str = _help("auto, cpu, cuda, cuda:1, mps ...", default="auto")
+    max_steps: int = _help("stop after this many optimizer steps (0 = no limit)", default=0)
+    eval_steps: int = _help("also evaluate every N optimizer steps (0 = once per epoch)", default=0)
+    logging_steps: int = _help("write a metrics.jsonl line every N steps", default=50)
+    max_train_samples: int = _help("use only the first N training rows (0 = all)", default=0)
+    max_eval_samples: int = _help("use only the first N evaluation rows (0 = all)", default=0)
+    output_dir: str = _help("where the run's files are written", default="output")
+    overwrite: bool = _help("allow writing into a non-empty output_dir", default=False)
+    resume: bool = _help("continue from output_dir/checkpoint", default=False)
+    push_to_hub: bool = _help("upload the best adapter to the Hugging Face Hub", default=False)
+    hub_model_id: str = _help("Hub repository id, e.g. user/bert-lora-sst2", default="")
+    hub_private: bool = _help("create the Hub repository as private", default=False)
+
+    def check(self) -> None:
+        _require(
+            self.num_epochs > 0, f"training.num_epochs must be positive, got {self.num_epochs}"
+        )
+        for name in ("batch_size", "max_length", "gradient_accumulation_steps", "logging_steps"):
+            value = getattr(self, name)
+            _require(value > 0, f"training.{name} must be positive, got {value}")
+        _require(self.learning_rate > 0, "training.learning_rate must be positive")
+        _require(0 <= self.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)")
+        for name in ("max_steps", "eval_steps", "max_train_samples", "max_eval_samples"):
+            _require(getattr(self, name) >= 0, f"training.{name} must be >= 0")
+        _require(self.max_grad_norm >= 0, "training.max_grad_norm must be >= 0")
+        _require(
+            not self.push_to_hub or bool(self.hub_model_id),
+            "--push_to_hub needs --hub_model_id (e.g. your-name/bert-lora-sst2)",
+        )
+
+
+@dataclass
+class DataSettings:
+    dataset: str = _help("dataset family: glue, or csv for your own files", default="glue")
+    subset: str = _help("GLUE task (sst2, mrpc, cola, qnli, qqp, rte, mnli, wnli)", default="sst2")
+    data_dir: str = _help(
+        "folder with <task>/<split>.tsv (default: $LORAKIT_DATA_DIR, else datasets.load_dataset)",
+        default="",
+    )
+    train_file: str = _help("your own training file (.csv, .tsv or .jsonl)", default="")
+    validation_file: str = _help("your own validation file", default="")
+    text_columns: list[str] = _help(
+        "text column(s) of your files (two for sentence pairs)", default_factory=list
+    )
+    label_column: str = _help("label column of your files", default="label")
+
+
+@dataclass
+class Config:
+    model_name: str = _help(
+        "transformers model name or directory; minilm is built in", default="minilm"
+    )
+    num_labels: int = _help("number of classes (0 = from the task or data)", default=0)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+
+    def check(self) -> None:
+        _require(self.num_labels >= 0, "num_labels must be >= 0")
+        self.lora.check()
+        self.training.check()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"lora": LoraSettings, "training": TrainingSettings, "data": DataSettings}
+# Short command-line names for a few fields.
+ALIASES = {"model": ("", "model_name"), "task": ("data", "subset")}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise LoraKitError(message)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            allowed = ", ".join(map(str, typing.get_args(tp)))
+            raise LoraKitError(f"{where} must be one of {allowed}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise LoraKitError(f"{where} must be a list of strings, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+    if not ok:
+        raise LoraKitError(f"{where} must be a {tp.__name__}, got {value!r}")
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fill(obj: Any, values: dict[str, Any], where: str) -> None:
+    hints = _hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    for key, value in values.items():
+        path = f"{where}{key}"
+        if key not in known:
+            raise LoraKitError(f"unknown config key {path!r} (known: {', '.join(sorted(known))})")
+        if key in SECTIONS and not where:
+            if not isinstance(value, dict):
+                raise LoraKitError(f"config section {key!r} must be a mapping")
+            _fill(getattr(obj, key), value, f"{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``overrides`` (``{"training.batch_size": 32, ...}``)."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LoraKitError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LoraKitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise LoraKitError(f"{path} must hold a mapping at the top level")
+        _fill(config, raw, "")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.rpartition(".")
+        _fill(
+            getattr(config, section) if section else config,
+            {key: value},
+            f"{section}." if section else "",
+        )
+    config.check()
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def flag_table() -> dict[str, tuple[str, Any, str]]:
+    """``flag name -> (dotted config key, type, help)`` for every field, plus the aliases."""
+    table: dict[str, tuple[str, Any, str]] = {}
+    top = _hints(Config)
+    for f in fields(Config):
+        if f.name not in SECTIONS:
+            table[f.name] = (f.name, top[f.name], f.metadata["help"])
+    for section, cls in SECTIONS.items():
+        hints = _hints(cls)
+        for f in fields(cls):
+            table[f.name] = (f"{section}.{f.name}", hints[f.name], f.metadata["help"])
+    for alias, (section, key) in ALIASES.items():
+        dotted = f"{section}.{key}" if section else key
+        table[alias] = (dotted, table[key][1], f"same as --{key}")
+    return table

@@ -1,0 +1,84 @@
+"""Installation checks, like the learning note's test_installation.py."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+Check = tuple[bool, str, str]  # passed, name, detail
+
+
+def _version(package: str) -> Check:
+    try:
+        return True, package, importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False, package, "not installed"
+
+
+def run_checks(data_dir: str | None = None) -> Iterator[Check]:
+    for package in ("torch", "transformers", "safetensors", "datasets", "huggingface_hub"):
+        yield _version(package)
+    for package in ("peft", "onnxruntime", "fastapi"):
+        ok, name, detail = _version(package)
+        yield True, f"{name} (optional)", detail
+    import torch
+
+    from lorakit.runtime import amp_dtype, bf16_fast, pick_device
+
+    device = pick_device()
+    yield True, "device", f"{device} ({torch.get_num_threads()} threads)"
+    yield True, "bf16 fast", "yes: default precision bf16" if bf16_fast(device) else "no: fp32"
+    yield from _embedded_model()
+    folder = data_dir or os.environ.get("LORAKIT_DATA_DIR")
+    if folder:
+        tasks = sorted(p.parent.name for p in Path(folder).glob("*/train.tsv"))
+        yield bool(tasks), "data dir", f"{folder}: {', '.join(tasks) or 'no <task>/train.tsv'}"
+    else:
+        yield True, "data dir", "none set: GLUE comes from datasets.load_dataset (needs the Hub)"
+    yield _tiny_step(device, amp_dtype("auto", device))
+
+
+def _embedded_model() -> Iterator[Check]:
+    from lorakit.errors import LoraKitError
+    from lorakit.models import embedded_model_dir
+
+    try:
+        path = embedded_model_dir()
+        yield (path / "config.json").is_file(), "embedded model", f"minilm at {path}"
+    except LoraKitError as e:
+        yield False, "embedded model", str(e)
+
+
+def _tiny_step(device, dtype) -> Check:  # noqa: ANN001
+    """Forward and backward of a tiny LoRA BERT: the whole stack works."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lorakit.evaluate import autocast
+    from lorakit.inject import apply_lora_to_model, mark_only_lora_as_trainable
+
+    try:
+        model = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=50,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+            )
+        ).to(device)
+        apply_lora_to_model(model, ["query", "value"], rank=4, alpha=8)
+        mark_only_lora_as_trainable(model)
+        with autocast(device, dtype):
+            loss = model(
+                input_ids=torch.ones(2, 5, dtype=torch.long, device=device),
+                labels=torch.tensor([0, 1], device=device),
+            ).loss
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+        ok = all(g is not None and torch.isfinite(g).all() for g in grads)
+        return ok, "forward/backward", f"tiny LoRA BERT, loss {loss.item():.4f}"
+    except Exception as e:  # noqa: BLE001 - report, don't crash the doctor
+        return False, "forward/backward", f"{type(e).__name__}: {e}"

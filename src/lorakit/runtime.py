@@ -1,0 +1,58 @@
+"""Device and precision choices: settings, never hard-coded."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import LoraKitError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, then Apple's MPS, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LoraKitError(
+            f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoraKitError("device cuda was asked for but CUDA is not available")
+    return device
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if bf16_fast(device) else None
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    raise LoraKitError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
