@@ -102,3 +102,44 @@ def make_batch(seed: int = 1, batch: int = 3, length: int = 7) -> dict[str, torc
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+WORDS = ["good", "great", "fun", "bad", "awful", "dull", "movie", "plot", "the", "a", "was", "is"]
+
+
+def save_tiny_model_dir(path, num_labels: int = 2):  # noqa: ANN001, ANN201
+    """A tiny BERT with a word-level tokenizer saved like a Hub checkpoint (offline)."""
+    from transformers import BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    config = BertConfig.from_dict(
+        {
+            **FAMILIES["bert"][0].to_dict(),
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "num_labels": num_labels,
+            "initializer_range": 0.3,
+        }
+    )  # distinct features
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(path)
+    return path
+
+
+def write_sentiment_rows(path, n: int, seed: int = 0, header: str = "sentence\tlabel"):  # noqa: ANN001, ANN201
+    """Learnable toy sentiment: positive words -> 1, negative words -> 0."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [header]
+    for i in range(n):
+        label = i % 2
+        words = ["good", "great", "fun"] if label else ["bad", "awful", "dull"]
+        filler = rng.sample(["the", "movie", "plot", "was", "is", "a"], k=rng.randint(0, 2))
+        lines.append(" ".join([rng.choice(words), *filler]) + f"\t{label}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

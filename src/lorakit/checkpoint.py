@@ -34,6 +34,8 @@ class LoopState:
     best_epoch: float = 0
     best_eval: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # loss*n, correct, n of the steps since the last metrics line (so resume logs the same)
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     runtime_seconds: float = 0.0  # wall time of the loop, evaluation and saving included
     train_seconds: float = 0.0  # time in training steps only
     train_examples: int = 0

@@ -131,6 +131,9 @@ def _require(ok: bool, message: str) -> None:
         raise LoraKitError(message)
 
 
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -149,7 +152,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
     if not ok:
-        raise LoraKitError(f"{where} must be a {tp.__name__}, got {value!r}")
+        raise LoraKitError(f"{where} must be {KIND_NAMES[tp]}, got {value!r}")
     return value
 
 

@@ -230,6 +230,8 @@ class Loop:
         self.stop_requested = False
         self.last_eval: dict[str, float] = state.best_eval
         self.rng_at_step = torch.get_rng_state()
+        # loss*n, correct, n of the steps since the last metrics line
+        self.sums = torch.tensor(state.window, device=device)
         self.runtime_base, self.started = state.runtime_seconds, time.perf_counter()
 
     def _update_runtime(self) -> None:
@@ -285,7 +287,6 @@ class Loop:
             dynamic_ncols=True,
             desc=f"Epoch {s.epoch + 1}/{t.num_epochs}",
         )
-        sums = torch.zeros(3, device=self.device)  # loss * n, correct, n since the last log line
         window = [0.0, 0]  # seconds, examples since the last log line
         while s.batch_in_epoch < len(batches) and not self._done() and not self.stop_requested:
             tick = time.perf_counter()
@@ -293,7 +294,7 @@ class Loop:
             group = batches[s.batch_in_epoch : end]
             n_group = sum(len(b) for b in group)
             for b in group:
-                sums += self._forward_backward(b, len(b) / n_group)
+                self.sums += self._forward_backward(b, len(b) / n_group)
             self._optimizer_step()
             s.batch_in_epoch = end
             s.global_step += 1
@@ -304,8 +305,8 @@ class Loop:
             bar.update(len(group))
             epoch = s.epoch + s.batch_in_epoch / len(batches)
             if s.global_step % t.logging_steps == 0 or s.batch_in_epoch >= len(batches):
-                self._log_train(sums, window, epoch, bar)
-                sums.zero_()
+                self._log_train(window, epoch, bar)
+                self.sums.zero_()
                 window = [0.0, 0]
             if (
                 t.eval_steps
@@ -347,8 +348,8 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         self.rng_at_step = torch.get_rng_state()
 
-    def _log_train(self, sums: torch.Tensor, window: list, epoch: float, bar: tqdm) -> None:
-        loss_sum, correct, n = sums.tolist()
+    def _log_train(self, window: list, epoch: float, bar: tqdm) -> None:
+        loss_sum, correct, n = self.sums.tolist()
         seconds, examples = window
         record = {
             "kind": "train",
@@ -408,6 +409,7 @@ class Loop:
 
     def _checkpoint(self) -> None:
         self._update_runtime()
+        self.state.window = self.sums.tolist()
         save_checkpoint(
             self.out / "checkpoint",
             self.model,

@@ -1,0 +1,244 @@
+"""`lorakit train` end to end on a tiny model: files, loss, resume, Ctrl-C, hub, eval."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_model_dir, write_sentiment_rows
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.train import OUTPUTS, Loop
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    data = root / "data"
+    write_sentiment_rows(data / "sst2" / "train.tsv", 48, seed=0)
+    write_sentiment_rows(data / "sst2" / "validation.tsv", 16, seed=1)
+    return {"model": save_tiny_model_dir(root / "model"), "data": data, "root": root}
+
+
+def _args(env: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(env["model"]),
+        "--data_dir",
+        str(env["data"]),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "8",
+        "--learning_rate",
+        "1e-2",
+        "--num_epochs",
+        "2",
+        "--logging_steps",
+        "2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_train_writes_the_promised_files_and_learns(env: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(_args(env, out, "--num_epochs", "4")) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    for d in ("best", "final", "checkpoint/adapter"):
+        assert sorted(p.name for p in (out / d).iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
+    train = _records(out, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all(r["examples_per_sec"] > 0 for r in train)
+    assert len(_records(out, "eval")) == 4
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "best_eval_accuracy",
+        "best_epoch",
+        "train_examples_per_sec",
+        "train_runtime_s",
+        "peak_rss_mb",
+        "trainable_params",
+        "total_params",
+    ):
+        assert summary[key], key
+    assert summary["best_eval_accuracy"] == max(r["accuracy"] for r in _records(out, "eval"))
+    log = (out / "training_log.txt").read_text()
+    assert "Parameter Statistics" in log and "Best model saved" in log
+    config = (out / "config.yaml").read_text()
+    assert "rank: 4" in config and "learning_rate: 0.01" in config
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    adapter = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert adapter["id2label"] == {"0": "negative", "1": "positive"} and adapter["task"] == "sst2"
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Deliver a real SIGINT right after optimizer step ``step``."""
+    original = Loop._optimizer_step
+
+    def step_then_signal(self: Loop) -> None:
+        original(self)
+        if self.state.global_step + 1 == step:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Loop, "_optimizer_step", step_then_signal)
+
+
+def test_ctrl_c_then_resume_reproduces_uninterrupted_run(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(_args(env, full)) == 0
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 9)  # mid epoch 2 (6 steps per epoch)
+        assert main(_args(env, split)) == 130
+    state = json.loads((split / "checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == 9 and state["epoch"] == 1
+    assert not (split / "final").exists()
+    assert main(["train", "--resume", "--output_dir", str(split)]) == 0
+    a = load_file(str(full / "final" / "adapter_model.safetensors"))
+    b = load_file(str(split / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert _records(full, "eval") == _records(split, "eval")
+    assert [r["loss"] for r in _records(full, "train")] == pytest.approx(
+        [r["loss"] for r in _records(split, "train")], abs=1e-5
+    )
+
+
+def test_output_dir_guard(
+    env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(_args(env, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not empty" in err and len(err.splitlines()) == 1
+    assert main(_args(env, out, "--resume")) == 1
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(_args(env, out, "--overwrite", "--num_epochs", "1")) == 0
+    assert (out / "keep.txt").read_text() == "mine"  # only our own files are replaced
+
+
+def test_custom_csv_with_string_labels(env: dict[str, Path], tmp_path: Path) -> None:
+    rows = ["text,sentiment"]
+    for i in range(24):
+        word, label = [("awful", "neg"), ("great", "pos"), ("movie", "meh")][i % 3]
+        rows.append(f"the {word} plot,{label}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "val.csv").write_text("\n".join(rows[:7]) + "\n")
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(env["model"]),
+            "--dataset",
+            "csv",
+            "--train_file",
+            str(tmp_path / "train.csv"),
+            "--validation_file",
+            str(tmp_path / "val.csv"),
+            "--text_columns",
+            "text",
+            "--label_column",
+            "sentiment",
+            "--output_dir",
+            str(out),
+            "--num_epochs",
+            "1",
+            "--batch_size",
+            "8",
+        ]
+    )
+    assert code == 0
+    adapter = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert adapter["id2label"] == {"0": "meh", "1": "neg", "2": "pos"}
+    assert adapter["num_labels"] == 3
+
+
+def test_eval_command_matches_training_eval(
+    env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert main(_args(env, out, "--num_epochs", "1")) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "--adapter",
+                str(out / "final"),
+                "--data_dir",
+                str(env["data"]),
+                "--precision",
+                "fp32",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    final = _records(out, "eval")[-1]
+    assert metrics["examples"] == 16
+    assert metrics["accuracy"] == final["accuracy"]
+    assert metrics["loss"] == pytest.approx(final["loss"], abs=1e-5)
+
+
+def test_push_to_hub_uploads_best_with_card(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple] = []
+
+    class FakeApi:
+        def create_repo(self, repo_id: str, private: bool, exist_ok: bool) -> None:
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, folder_path: str, repo_id: str, commit_message: str) -> None:
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    out = tmp_path / "run"
+    assert (
+        main(
+            _args(
+                env,
+                out,
+                "--num_epochs",
+                "1",
+                "--push_to_hub",
+                "--hub_model_id",
+                "me/tiny-lora",
+                "--hub_private",
+            )
+        )
+        == 0
+    )
+    assert calls[0] == ("create", "me/tiny-lora", True)
+    assert calls[1] == (
+        "upload",
+        "me/tiny-lora",
+        ["README.md", "adapter_config.json", "adapter_model.safetensors"],
+    )
+    card = (out / "best" / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in card and "sst2" in card and "| accuracy |" in card
