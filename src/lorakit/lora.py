@@ -37,12 +37,19 @@ class LoRALayer(nn.Module):
         # Same init as nn.Linear, so the update starts at zero but A still gets gradients.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """``A(dropout(x))``: (*, in) -> (*, rank)."""
         # Outside autocast, run in the (fp32) LoRA dtype even if x is bf16/fp16.
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)
-        h = F.linear(self.dropout(x), self.lora_A)  # (*, in) -> (*, rank)
-        return F.linear(h, self.lora_B) * self.scaling  # (*, rank) -> (*, out)
+        return F.linear(self.dropout(x), self.lora_A)
+
+    def scaled_B(self) -> torch.Tensor:
+        """``scaling * B`` (out, rank): scaling the small matrix, not the activations."""
+        return self.lora_B * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.down(x), self.scaled_B())  # (*, rank) -> (*, out)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32, shape (out, in)."""
@@ -118,7 +125,15 @@ class LinearWithLoRA(nn.Module):
         out = self.base_layer(x)
         if self.disabled or self.merged or self.active_adapter is None:
             return out
-        return out + self.lora(x).to(out.dtype)
+        lora = self.lora
+        h = lora.down(x)  # (*, rank)
+        if h.dtype != out.dtype:  # bf16/fp16 base outside autocast: keep the LoRA math in fp32
+            return out + F.linear(h, lora.scaled_B()).to(out.dtype)
+        # out + h (sB)ᵀ in one fused matmul-add instead of a matmul then an add.
+        flat = torch.addmm(
+            out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), lora.scaled_B().T
+        )
+        return flat.view(out.shape)
 
     def _delta_for_base(self, name: str) -> torch.Tensor:
         delta = self.adapter(name).delta_weight()

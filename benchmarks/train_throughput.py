@@ -1,0 +1,235 @@
+"""Training throughput, side by side: Hugging Face Trainer + PEFT (defaults, tuned) vs lorakit.
+
+    .venv/bin/python benchmarks/train_throughput.py --data_dir ../shared/data --samples 4096
+
+Each variant trains the embedded MiniLM with LoRA r=8 on query/key/value/dense, batch 32,
+lr 5e-4, on the same first ``--samples`` SST-2 training rows, in its own process (so peak RSS
+is its own), then evaluates on the full validation split. Steady-state examples/s excludes
+model loading and the first optimizer steps. Prints a markdown table and appends it to
+docs/benchmarks.md with the command and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WARMUP_STEPS = 5
+VARIANTS = {
+    "trainer_peft_default": "Trainer + PEFT, defaults (random batches, fp32)",
+    "trainer_peft_tuned": "Trainer + PEFT, tuned (group_by_length, bf16 where fast)",
+    "lorakit": "lorakit, defaults",
+}
+HYPER = {"rank": 8, "alpha": 16, "dropout": 0.05, "batch_size": 32, "lr": 5e-4, "max_length": 128}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_lorakit(data_dir: str, samples: int, out: Path) -> dict:
+    from lorakit.config import load_config
+    from lorakit.train import train
+
+    config = load_config(
+        None,
+        {
+            "model_name": "minilm",
+            "data.data_dir": data_dir,
+            "training.output_dir": str(out),
+            "training.overwrite": True,
+            "training.max_train_samples": samples,
+            "training.num_epochs": 1,
+            "training.batch_size": HYPER["batch_size"],
+            "training.learning_rate": HYPER["lr"],
+            "lora.rank": HYPER["rank"],
+            "lora.alpha": float(HYPER["alpha"]),
+            "lora.dropout": HYPER["dropout"],
+            "training.logging_steps": 10,
+        },
+    )
+    summary = train(config)
+    return {
+        "examples_per_sec": summary["train_examples_per_sec"],
+        "accuracy": summary["final_eval"]["accuracy"],
+        "peak_rss_mb": _rss_mb(),
+    }
+
+
+def run_trainer(data_dir: str, samples: int, out: Path, tuned: bool) -> dict:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from lorakit.config import DataSettings
+    from lorakit.data import load_examples
+    from lorakit.models import load_model, load_tokenizer
+    from lorakit.runtime import bf16_fast
+
+    torch.manual_seed(42)
+    settings = DataSettings(subset="sst2", data_dir=data_dir)
+    tokenizer = load_tokenizer("minilm")
+
+    def dataset(split: str, n: int) -> Dataset:
+        ex = load_examples(settings, split).head(n)  # type: ignore[arg-type]
+        enc = tokenizer([t[0] for t in ex.texts], truncation=True, max_length=HYPER["max_length"])
+        return Dataset.from_dict({**enc, "labels": ex.labels})
+
+    train_ds, eval_ds = dataset("train", samples), dataset("validation", 0)
+    model = load_model("minilm", {0: "negative", 1: "positive"})
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="SEQ_CLS",
+            r=HYPER["rank"],
+            lora_alpha=HYPER["alpha"],
+            lora_dropout=HYPER["dropout"],
+            target_modules=["query", "key", "value", "dense"],
+        ),
+    )
+
+    class Clock(TrainerCallback):
+        marks: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            self.marks.append(time.perf_counter())
+
+    clock = Clock()
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=HYPER["batch_size"],
+        per_device_eval_batch_size=64,
+        learning_rate=HYPER["lr"],
+        num_train_epochs=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        logging_steps=50,
+        seed=42,
+        use_cpu=True,
+        bf16=tuned and bf16_fast(torch.device("cpu")),
+        train_sampling_strategy="group_by_length" if tuned else "random",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[clock],
+    )
+    trainer.train()
+    marks = clock.marks[WARMUP_STEPS:]
+    steps = len(marks) - 1
+    examples_per_sec = steps * HYPER["batch_size"] / (marks[-1] - marks[0])
+    logits = trainer.predict(eval_ds).predictions
+    accuracy = float((np.argmax(logits, -1) == np.asarray(eval_ds["labels"])).mean())
+    return {
+        "examples_per_sec": round(examples_per_sec, 2),
+        "accuracy": accuracy,
+        "peak_rss_mb": _rss_mb(),
+    }
+
+
+def child(variant: str, data_dir: str, samples: int) -> None:
+    out = ROOT / "runs" / "bench" / variant
+    if variant == "lorakit":
+        result = run_lorakit(data_dir, samples, out)
+    else:
+        result = run_trainer(data_dir, samples, out, tuned=variant == "trainer_peft_tuned")
+    print("RESULT " + json.dumps(result))
+
+
+def parent(args: argparse.Namespace) -> None:
+    rows = {}
+    for variant in args.variants:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--data_dir",
+                args.data_dir,
+                "--samples",
+                str(args.samples),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = json.loads(lines[-1][7:])
+        print(variant, rows[variant], flush=True)
+    print_table(rows, args)
+
+
+def print_table(rows: dict, args: argparse.Namespace) -> None:
+    base = rows.get("trainer_peft_tuned") or next(iter(rows.values()))
+    lines = [
+        f"### Training throughput, {datetime.date.today()}",
+        "",
+        f"Command: `.venv/bin/python benchmarks/train_throughput.py --data_dir {args.data_dir} "
+        f"--samples {args.samples}`  ",
+        f"Machine: {cpu_name()}, {platform.machine()}, torch threads as default.  ",
+        f"Setup: embedded MiniLM, SST-2 first {args.samples} training rows, 1 epoch, LoRA r=8 "
+        "alpha=16 dropout=0.05 on query/key/value/dense, batch 32, lr 5e-4; accuracy on the "
+        "872 validation rows.",
+        "",
+        "| variant | examples/s (steady) | vs tuned Trainer+PEFT | val. accuracy | peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, r in rows.items():
+        lines.append(
+            f"| {VARIANTS[variant]} | {r['examples_per_sec']:.1f} | "
+            f"{r['examples_per_sec'] / base['examples_per_sec']:.2f}x | {r['accuracy']:.4f} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_docs:
+        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
+            f.write("\n" + text)
+
+
+def cpu_name() -> str:
+    cores = len(os.sched_getaffinity(0))
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({cores} cores)"
+    return f"{platform.processor()} ({cores} cores)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--samples", type=int, default=4096)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--no_docs", action="store_true", help="print only")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.data_dir, args.samples)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
