@@ -242,3 +242,55 @@ def test_push_to_hub_uploads_best_with_card(
     )
     card = (out / "best" / "README.md").read_text()
     assert "PeftModel.from_pretrained" in card and "sst2" in card and "| accuracy |" in card
+
+
+def _final_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+def test_gradient_accumulation_equals_larger_batch(env: dict[str, Path], tmp_path: Path) -> None:
+    common = ("--dropout", "0", "--no-group_by_length", "--num_epochs", "1")
+    assert main(_args(env, tmp_path / "big", *common, "--batch_size", "16")) == 0
+    assert (
+        main(
+            _args(
+                env,
+                tmp_path / "acc",
+                *common,
+                "--batch_size",
+                "8",
+                "--gradient_accumulation_steps",
+                "2",
+            )
+        )
+        == 0
+    )
+    big, acc = _final_tensors(tmp_path / "big"), _final_tensors(tmp_path / "acc")
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_same_result(env: dict[str, Path], tmp_path: Path) -> None:
+    assert main(_args(env, tmp_path / "plain", "--num_epochs", "1")) == 0
+    assert main(_args(env, tmp_path / "ckpt", "--num_epochs", "1", "--gradient_checkpointing")) == 0
+    a, b = _final_tensors(tmp_path / "plain"), _final_tensors(tmp_path / "ckpt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_runs_and_keeps_fp32_adapter(
+    env: dict[str, Path], tmp_path: Path, precision: str
+) -> None:
+    out = tmp_path / precision
+    assert main(_args(env, out, "--num_epochs", "1", "--precision", precision)) == 0
+    assert all(t.dtype == torch.float32 for t in _final_tensors(out).values())
+    assert all(r["loss"] == r["loss"] for r in _records(out, "train"))  # no NaN
+
+
+def test_eval_steps_and_max_steps(env: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(_args(env, out, "--eval_steps", "2", "--max_steps", "5")) == 0
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    assert json.loads((out / "summary.json").read_text())["global_steps"] == 5

@@ -105,7 +105,7 @@ def train(config: Config) -> dict[str, Any]:
     )
     mark_only_lora_as_trainable(model)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     model.to(device)  # type: ignore[arg-type]
     stats = count_lora_parameters(model)
 
