@@ -174,7 +174,7 @@ def test_custom_csv_with_string_labels(env: dict[str, Path], tmp_path: Path) -> 
     assert code == 0
     adapter = json.loads((out / "best" / "adapter_config.json").read_text())
     assert adapter["id2label"] == {"0": "meh", "1": "neg", "2": "pos"}
-    assert adapter["num_labels"] == 3
+    assert adapter["num_labels"] == 3 and adapter["text_columns"] == ["text"]
 
 
 def test_eval_command_matches_training_eval(

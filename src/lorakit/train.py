@@ -149,6 +149,7 @@ def train(config: Config) -> dict[str, Any]:
         total_steps,
         out,
         train_ex.metric,
+        train_ex.text_columns,
     )
     loop.run()
 
@@ -220,12 +221,14 @@ class Loop:
         total_steps: int,
         out: Path,
         metric: str,
+        text_columns: tuple[str, ...],
     ) -> None:
         self.c, self.t = config, config.training
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_data, self.eval_data = train_data, eval_data
         self.device, self.dtype, self.log, self.state = device, dtype, log, state
         self.total_steps, self.out, self.metric = total_steps, out, metric
+        self.text_columns = text_columns
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.stop_requested = False
         self.last_eval: dict[str, float] = state.best_eval
@@ -404,7 +407,11 @@ class Loop:
             directory,
             base_model_name_or_path=canonical_name(self.c.model_name),
             task=_data_name(self.c),
-            extra={"metrics": metrics, "max_length": self.t.max_length},
+            extra={
+                "metrics": metrics,
+                "max_length": self.t.max_length,
+                "text_columns": list(self.text_columns),
+            },
         )
 
     def _checkpoint(self) -> None:
