@@ -294,3 +294,12 @@ def test_eval_steps_and_max_steps(env: dict[str, Path], tmp_path: Path) -> None:
     evals = _records(out, "eval")
     assert [r["step"] for r in evals] == [2, 4, 5]
     assert json.loads((out / "summary.json").read_text())["global_steps"] == 5
+
+
+def test_overwrite_with_bad_input_keeps_previous_run(env: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(_args(env, out, "--num_epochs", "1")) == 0
+    before = (out / "best" / "adapter_model.safetensors").read_bytes()
+    assert main(_args(env, out, "--overwrite", "--task", "mrpc")) == 1  # no mrpc data here
+    assert (out / "best" / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)

@@ -24,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 from lorakit.adapter import save_adapter
 from lorakit.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from lorakit.config import Config, save_config
-from lorakit.data import Encoded, batch_order, collate, encode, load_examples
+from lorakit.data import Encoded, Examples, batch_order, collate, encode, load_examples
 from lorakit.errors import LoraKitError
 from lorakit.evaluate import autocast, evaluate
 from lorakit.inject import (
@@ -55,20 +55,23 @@ class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) arrived; a checkpoint was saved."""
 
 
-def prepare_output_dir(config: Config) -> Path:
+def check_output_dir(config: Config) -> Path:
+    """Refuse a non-empty output_dir unless --overwrite or --resume (nothing is deleted here)."""
     out = Path(config.training.output_dir)
     t = config.training
     if t.resume:
         if not (out / "checkpoint").is_dir():
             raise LoraKitError(f"--resume: {out}/checkpoint does not exist")
-    elif out.exists() and any(out.iterdir()):
-        if not t.overwrite:
-            raise LoraKitError(f"output_dir {out} is not empty; pass --overwrite or --resume")
-        for name in OUTPUTS:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    elif out.exists() and any(out.iterdir()) and not t.overwrite:
+        raise LoraKitError(f"output_dir {out} is not empty; pass --overwrite or --resume")
     return out
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove a previous run's files (only lorakit's own) before a fresh run writes its own."""
+    for name in OUTPUTS:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -77,49 +80,63 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Fine-tune as ``config`` says and return the run summary (also written to summary.json)."""
-    out = prepare_output_dir(config)
+def load_data(config: Config, tokenizer: Any) -> tuple[Examples, Encoded, Encoded]:
+    """Training examples (for label names and metric) and both splits tokenized once."""
     t = config.training
-    log = RunLog(out / "training_log.txt", out / "metrics.jsonl")
-    device = pick_device(t.device)
-    dtype = amp_dtype(t.precision, device)
-    seed_everything(t.seed)
-
-    tokenizer = load_tokenizer(config.model_name)
     train_ex = load_examples(config.data, "train").head(t.max_train_samples)
-    eval_ex = load_examples(config.data, "validation", train_ex.label_names).head(
-        t.max_eval_samples
-    )
+    eval_ex = load_examples(config.data, "validation", train_ex.label_names)
+    eval_ex = eval_ex.head(t.max_eval_samples)
     if config.num_labels and config.num_labels != len(train_ex.label_names):
         raise LoraKitError(
             f"num_labels is {config.num_labels} but the data has "
             f"{len(train_ex.label_names)} labels: {', '.join(train_ex.label_names)}"
         )
-    train_data = encode(train_ex, tokenizer, t.max_length)
-    eval_data = encode(eval_ex, tokenizer, t.max_length)
-
-    model = load_model(config.model_name, dict(enumerate(train_ex.label_names)))
-    apply_lora_to_model(
-        model, config.lora.target_modules, config.lora.rank, config.lora.alpha, config.lora.dropout
+    return (
+        train_ex,
+        encode(train_ex, tokenizer, t.max_length),
+        encode(eval_ex, tokenizer, t.max_length),
     )
-    mark_only_lora_as_trainable(model)
-    if t.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.to(device)  # type: ignore[arg-type]
-    stats = count_lora_parameters(model)
 
+
+def build_model(config: Config, label_names: tuple[str, ...], device: torch.device) -> Any:
+    """The base classifier with LoRA injected and only LoRA + head trainable."""
+    lora = config.lora
+    model = load_model(config.model_name, dict(enumerate(label_names)))
+    apply_lora_to_model(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout)
+    mark_only_lora_as_trainable(model)
+    if config.training.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    return model.to(device)  # type: ignore[arg-type]
+
+
+def build_optimizer(config: Config, model: torch.nn.Module, n_train: int) -> tuple[Any, Any, int]:
+    """AdamW over the trainable parameters, linear warmup then decay; and the total steps."""
+    t = config.training
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    steps_per_epoch = math.ceil(
-        math.ceil(len(train_data) / t.batch_size) / t.gradient_accumulation_steps
-    )
-    total_steps = steps_per_epoch * t.num_epochs
+    batches = math.ceil(n_train / t.batch_size)
+    total_steps = math.ceil(batches / t.gradient_accumulation_steps) * t.num_epochs
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(t.warmup_ratio * total_steps), total_steps
-    )
+    warmup = int(t.warmup_ratio * total_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps), total_steps
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Fine-tune as ``config`` says and return the run summary (also written to summary.json)."""
+    out, t = check_output_dir(config), config.training
+    device = pick_device(t.device)
+    dtype = amp_dtype(t.precision, device)
+    seed_everything(t.seed)
+    train_ex, train_data, eval_data = load_data(config, load_tokenizer(config.model_name))
+    model = build_model(config, train_ex.label_names, device)
+    optimizer, scheduler, total_steps = build_optimizer(config, model, len(train_data))
+    stats = count_lora_parameters(model)
+    # Only now, with everything loaded, is an old run's output replaced.
+    if not t.resume:
+        clear_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out / "training_log.txt", out / "metrics.jsonl")
     state = LoopState()
     if t.resume:
         state, rng = load_checkpoint(out / "checkpoint", model, optimizer, scheduler)
@@ -134,7 +151,6 @@ def train(config: Config) -> dict[str, Any]:
             f"{len(eval_data):,} eval examples"
         )
         log.line(format_parameter_stats(stats))
-
     loop = Loop(
         config,
         model,
@@ -152,7 +168,6 @@ def train(config: Config) -> dict[str, Any]:
         train_ex.text_columns,
     )
     loop.run()
-
     loop.save_adapter(out / "final", loop.last_eval)
     plot_training_curves(state.history, out / "training_curves.png")
     summary = _summary(config, state, stats, loop.last_eval, train_ex.metric)
