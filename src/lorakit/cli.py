@@ -20,6 +20,9 @@ COMMANDS = {
     "train": "lorakit.commands.train",
     "eval": "lorakit.commands.eval",
     "doctor": "lorakit.commands.doctor",
+    "predict": "lorakit.commands.predict",
+    "merge": "lorakit.commands.merge",
+    "export": "lorakit.commands.export",
 }
 
 

@@ -1,0 +1,36 @@
+"""lorakit merge."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "fold an adapter into its base model: a plain transformers directory, no lorakit needed"
+EPILOG = """\
+The directory holds config.json (with the adapter's labels), model.safetensors and the
+tokenizer; AutoModelForSequenceClassification.from_pretrained(OUT) loads it. It is checked
+against the unmerged model (logits within 1e-4) before it replaces anything at --out.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "--adapter", type=Path, required=True, metavar="DIR", help="adapter directory"
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write")
+    parser.add_argument("--model", help="base model (default: the adapter's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from lorakit.merge import merge_adapter
+
+    hf_logging.disable_progress_bar()
+    result = merge_adapter(args.adapter, args.out, args.model, args.overwrite)
+    print(f"✅ Merged model written to {result['out']}")
+    print(f"   largest logit difference from the unmerged model: {result['max_abs_diff']:.2e}")
+    print(f"   load it with AutoModelForSequenceClassification.from_pretrained({result['out']!r})")
+    return 0

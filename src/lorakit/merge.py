@@ -1,0 +1,229 @@
+"""Shipping an adapter without lorakit: a merged transformers directory, or an ONNX graph.
+
+Both fold LoRA into the base weights (``W' = W + (alpha/rank)·BA``) and put plain layers back,
+check the result against the unmerged model on sample sentences, and only then move it into
+place, so a failed run never replaces a good earlier output.
+
+ONNX layout (``--out model.onnx``)::
+
+    model.onnx            the graph: inputs input_ids, attention_mask (, token_type_ids),
+                          int64 (batch, sequence), both axes dynamic; output logits (batch, labels)
+    model.json            id2label, max_length, text_columns, pad_token_id, base model, adapter
+    model.tokenizer/      the base model's tokenizer (tokenizer.save_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from lorakit.adapter import replace_dir
+from lorakit.errors import LoraKitError
+from lorakit.predict import DEFAULT_MAX_LENGTH, DEMO_SENTENCES, adapter_text_columns
+
+TOLERANCE = 1e-4  # largest |logit difference| accepted between the output and the unmerged model
+
+
+def onnx_sidecar(path: Path) -> Path:
+    """The json beside ``model.onnx``: ``model.json``."""
+    return path.with_suffix(".json")
+
+
+def onnx_tokenizer_dir(path: Path) -> Path:
+    """The tokenizer folder beside ``model.onnx``: ``model.tokenizer/``."""
+    return path.with_suffix(".tokenizer")
+
+
+def _check_out(out: Path, overwrite: bool, kind: Literal["dir", "file"]) -> None:
+    if kind == "file" and out.is_dir():
+        raise LoraKitError(f"{out} is a directory; give a file name like model.onnx")
+    if kind == "dir" and out.exists() and not out.is_dir():
+        raise LoraKitError(f"{out} is a file; give a directory for the merged model")
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise LoraKitError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _sample_inputs(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    return dict(
+        tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    )
+
+
+# Checked on texts of very different lengths, so padding and the attention mask are exercised.
+CHECK_TEXTS = ["Fine.", DEMO_SENTENCES[1], DEMO_SENTENCES[4]]
+TRACE_TEXTS = ["Fine.", "Not good."]  # other shapes than CHECK_TEXTS: proves the axes dynamic
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    return model(**inputs).logits.float().numpy()
+
+
+def _check_close(name: str, got: np.ndarray, want: np.ndarray) -> float:
+    diff = float(np.abs(got - want).max())
+    if not diff <= TOLERANCE:  # also catches NaN
+        raise LoraKitError(
+            f"{name} differs from the unmerged model by {diff:.2e} (> {TOLERANCE:.0e}); "
+            "nothing was written"
+        )
+    return diff
+
+
+def _load_merged(
+    adapter_dir: Path, model_name: str | None
+) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any], dict[str, torch.Tensor], np.ndarray]:
+    """The merged fp32 CPU model, plus sample inputs and the *unmerged* model's logits on them."""
+    from lorakit.inject import unwrap_lora
+    from lorakit.models import load_adapted_model
+
+    model, tokenizer, config = load_adapted_model(adapter_dir, model_name, torch.device("cpu"))
+    inputs = _sample_inputs(tokenizer, CHECK_TEXTS, 32)
+    reference = _logits(model, inputs)
+    unwrap_lora(model)
+    return model, tokenizer, config, inputs, reference
+
+
+def merge_adapter(
+    adapter_dir: Path, out: Path, model_name: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write a plain transformers directory (config, safetensors, tokenizer) with LoRA folded in.
+
+    Returns:
+        ``out`` and ``max_abs_diff``, the largest logit difference of the reloaded directory
+        from the unmerged model on sample sentences.
+    """
+    _check_out(out, overwrite, "dir")
+    model, tokenizer, config, inputs, reference = _load_merged(adapter_dir, model_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)  # type: ignore[operator]
+        tokenizer.save_pretrained(str(tmp))
+        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32)
+        diff = _check_close("the merged model", _logits(reloaded.eval(), inputs), reference)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "max_abs_diff": diff}
+
+
+class _LogitsOnly(nn.Module):
+    """The classifier with named tensor inputs and the logits tensor as its only output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def _export_graph(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    """torch.onnx's dynamo exporter with dynamic batch and sequence axes."""
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # The exporter logs and warns a lot about things that do not concern a BERT classifier.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _LogitsOnly(model).eval(),
+            (),
+            kwargs=inputs,
+            dynamo=True,
+            input_names=list(inputs),
+            output_names=["logits"],
+            dynamic_shapes={name: {0: batch, 1: sequence} for name in inputs},
+            verbose=False,
+        )
+    if program is None:
+        raise LoraKitError("torch.onnx.export returned no program")
+    program.save(str(path), external_data=False)
+
+
+def read_onnx_session(path: Path) -> Any:
+    """An onnxruntime CPU session on ``path``; ``LoraKitError`` if missing or not ONNX."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise LoraKitError("ONNX needs onnxruntime: pip install 'lorakit[onnx]'") from None
+    if not path.is_file():
+        raise LoraKitError(f"ONNX file {path} does not exist")
+    options = ort.SessionOptions()
+    # No busy-waiting between calls: it starves torch and the tokenizer on small CPUs and,
+    # measured on 2 cores, does not make onnxruntime any faster.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        raise LoraKitError(f"{path} is not a loadable ONNX model: {str(e)[:200]}") from None
+
+
+def export_onnx(
+    adapter_dir: Path,
+    out: Path,
+    model_name: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export the merged classifier to ONNX and check it against torch with onnxruntime.
+
+    The graph is traced on 2 short sentences and checked on 3 longer ones of mixed lengths,
+    so the check also proves the batch and sequence axes dynamic.
+
+    Returns:
+        ``out`` and ``max_abs_diff`` (onnxruntime vs the unmerged torch model).
+    """
+    if out.suffix != ".onnx":
+        raise LoraKitError(f"--out must end in .onnx, got {out}")
+    _check_out(out, overwrite, "file")
+    model, tokenizer, config, inputs, reference = _load_merged(adapter_dir, model_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graph = tmp / out.name
+        _export_graph(model, _sample_inputs(tokenizer, TRACE_TEXTS, 8), graph)
+        session = read_onnx_session(graph)
+        names = {i.name for i in session.get_inputs()}
+        feed = {k: v.numpy() for k, v in inputs.items() if k in names}
+        diff = _check_close("the ONNX graph", session.run(None, feed)[0], reference)
+        tokenizer.save_pretrained(str(onnx_tokenizer_dir(graph)))
+        onnx_sidecar(graph).write_text(json.dumps(_sidecar(model, config, adapter_dir), indent=2))
+        # Graph last: a predictor never finds a new graph beside an old sidecar.
+        replace_dir(onnx_tokenizer_dir(graph), onnx_tokenizer_dir(out))
+        onnx_sidecar(graph).replace(onnx_sidecar(out))
+        graph.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out), "max_abs_diff": diff}
+
+
+def _sidecar(model: nn.Module, config: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:
+    model_config: Any = model.config
+    return {
+        "format": "lorakit-onnx",
+        "id2label": {str(k): v for k, v in model_config.id2label.items()},
+        "max_length": int(config.get("max_length") or DEFAULT_MAX_LENGTH),
+        "text_columns": list(adapter_text_columns(config)),
+        "pad_token_id": model_config.pad_token_id,
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "adapter": str(adapter_dir),
+        "task": config.get("task"),
+    }

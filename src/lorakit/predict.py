@@ -1,0 +1,253 @@
+"""Prediction: a label and every label's probability for raw texts, from an adapter or ONNX.
+
+A ``Predictor`` tokenizes, cuts length-sorted batches (least padding), hands each batch as
+numpy arrays to a backend that returns logits, and softmaxes. The torch backend runs the
+adapter merged into the base weights (plain layers: base-model speed) or, on request,
+unmerged; the ONNX backend runs the graph ``lorakit export`` wrote, through onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lorakit.data import GLUE_TASKS, Encoded, collate, eval_order
+from lorakit.errors import LoraKitError
+from lorakit.evaluate import autocast
+
+Text = str | tuple[str, ...]  # one text, or a sentence pair for pair tasks
+LogitsFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 (batch, seq) -> (batch, labels)
+DEFAULT_MAX_LENGTH = 128
+
+DEMO_SENTENCES = (
+    "A gorgeous, witty, seductive movie.",
+    "The plot is dull and the acting is even worse.",
+    "This is not a bad film at all.",
+    "I did not enjoy a single minute of it.",
+    "The visuals are stunning, but the story falls completely flat.",
+    "It starts slowly, yet the final act is genuinely moving.",
+    "An instant classic that I will watch again and again.",
+    "Two hours of my life I will never get back.",
+    "Not the best, not the worst: just fine.",
+    "The cast clearly had fun; too bad the audience won't.",
+)
+DEMO_PAIRS = (
+    ("The company said profits rose 10% last year.", "Profits grew by ten percent last year."),
+    ("He left the meeting early.", "He stayed until the meeting ended."),
+    ("The storm closed every school in the city.", "All city schools shut because of the storm."),
+    ("She bought a red car.", "She sold her old bicycle."),
+    ("The drug was approved on Monday.", "Regulators cleared the medicine on Monday."),
+    ("Stocks fell sharply on Friday.", "Shares did not move much on Friday."),
+)
+
+
+class Prediction(TypedDict):
+    label: str  # the most probable label's name
+    score: float  # its probability
+    probs: dict[str, float]  # every label's probability
+    truncated: bool  # the input was longer than max_length tokens and was cut
+
+
+@dataclass
+class Predictor:
+    """Labels for texts through ``logits_fn``; build one with ``from_adapter`` or ``from_onnx``."""
+
+    logits_fn: LogitsFn
+    tokenizer: PreTrainedTokenizerBase
+    id2label: dict[int, str]
+    max_length: int = DEFAULT_MAX_LENGTH
+    text_columns: tuple[str, ...] = ("sentence",)
+    batch_size: int = 32
+    pad_id: int = 0
+    description: str = ""
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device | None = None,
+        amp_dtype: torch.dtype | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        **fields: Any,
+    ) -> Predictor:
+        """A predictor over an in-memory classifier (LoRA-wrapped, merged or plain)."""
+        config: Any = model.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit and max_length > limit:
+            raise LoraKitError(
+                f"max_length {max_length} exceeds the model's {limit} positions; "
+                "pass a smaller --max_length"
+            )
+        device = device or next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+        fields.setdefault("id2label", {int(k): v for k, v in config.id2label.items()})
+        fields.setdefault("pad_id", int(pad or 0))
+        run = torch_logits_fn(model.eval(), device, amp_dtype)
+        return cls(run, tokenizer, max_length=max_length, **fields)
+
+    @classmethod
+    def from_adapter(
+        cls,
+        adapter_dir: str | Path,
+        model_name: str | None = None,
+        merge: bool = True,
+        device: str = "auto",
+        precision: str = "auto",
+        max_length: int | None = None,
+        batch_size: int = 32,
+    ) -> Predictor:
+        """Base model + adapter; ``merge`` folds LoRA in and puts plain layers back."""
+        from lorakit.inject import unwrap_lora
+        from lorakit.models import load_adapted_model
+        from lorakit.runtime import amp_dtype, pick_device
+
+        dev = pick_device(device)
+        model, tokenizer, config = load_adapted_model(adapter_dir, model_name, dev)
+        if merge:
+            unwrap_lora(model)
+        amp = amp_dtype(precision, dev)
+        return cls.from_model(
+            model,
+            tokenizer,
+            dev,
+            amp,
+            max_length=max_length or int(config.get("max_length") or DEFAULT_MAX_LENGTH),
+            text_columns=adapter_text_columns(config),
+            batch_size=batch_size,
+            description=f"adapter {adapter_dir} ({'merged' if merge else 'unmerged'}, "
+            f"{dev}, {amp or torch.float32})".replace("torch.", ""),
+        )
+
+    @classmethod
+    def from_onnx(
+        cls, path: str | Path, max_length: int | None = None, batch_size: int = 32
+    ) -> Predictor:
+        """The graph ``lorakit export`` wrote, with the tokenizer and sidecar json beside it."""
+        from lorakit.merge import onnx_sidecar, onnx_tokenizer_dir, read_onnx_session
+        from lorakit.models import load_tokenizer
+
+        path = Path(path)
+        session = read_onnx_session(path)
+        sidecar = onnx_sidecar(path)
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            id2label = {int(k): str(v) for k, v in meta["id2label"].items()}
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise LoraKitError(
+                f"{sidecar} (written by lorakit export beside the .onnx) is missing or "
+                f"unreadable: {e}; export again"
+            ) from None
+        names = [i.name for i in session.get_inputs()]
+
+        def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+            zeros = np.zeros_like(batch["input_ids"])
+            logits = session.run(None, {n: batch.get(n, zeros) for n in names})[0]
+            return np.asarray(logits, dtype=np.float32)
+
+        return cls(
+            run,
+            load_tokenizer(str(onnx_tokenizer_dir(path))),
+            id2label,
+            max_length=max_length or int(meta.get("max_length", DEFAULT_MAX_LENGTH)),
+            text_columns=tuple(meta.get("text_columns", ("sentence",))),
+            batch_size=batch_size,
+            pad_id=int(meta.get("pad_token_id") or 0),
+            description=f"ONNX {path} (onnxruntime, cpu, float32)",
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.id2label[i] for i in sorted(self.id2label)]
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+    def check(self, text: Text) -> tuple[str, ...]:
+        """``text`` as a tuple of one text per column; ``LoraKitError`` if empty or misshapen."""
+        row = (text,) if isinstance(text, str) else tuple(text)
+        if len(row) != len(self.text_columns):
+            kind = "sentence pairs" if self.is_pair else "single texts"
+            raise LoraKitError(
+                f"this model classifies {kind} ({', '.join(self.text_columns)}), "
+                f"got {len(row)} text(s)"
+            )
+        if any(not t.strip() for t in row):
+            raise LoraKitError("the text is empty: there is nothing to classify")
+        return row
+
+    def predict(
+        self, texts: Sequence[Text], on_batch: Callable[[int], None] | None = None
+    ) -> list[Prediction]:
+        """One ``Prediction`` per text, in order; ``on_batch(n)`` after each batch of n."""
+        rows = [self.check(t) for t in texts]
+        if not rows:
+            return []
+        data, truncated = self._encode(rows)
+        logits = np.zeros((len(rows), len(self.id2label)), dtype=np.float32)
+        for idx in eval_order(data.lengths, self.batch_size):
+            batch = collate(data, idx)
+            del batch["labels"]
+            logits[idx] = self.logits_fn({k: v.numpy() for k, v in batch.items()})
+            if on_batch is not None:
+                on_batch(len(idx))
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)  # (n, labels)
+        labels = self.labels
+        return [
+            Prediction(
+                label=labels[int(p.argmax())],
+                score=float(p.max()),
+                probs={name: float(v) for name, v in zip(labels, p, strict=True)},
+                truncated=cut,
+            )
+            for p, cut in zip(probs, truncated, strict=True)
+        ]
+
+    def _encode(self, rows: list[tuple[str, ...]]) -> tuple[Encoded, list[bool]]:
+        columns = list(zip(*rows, strict=True))
+        out = self.tokenizer(*columns, truncation=True, max_length=self.max_length)
+        ids = [np.asarray(x, dtype=np.int64) for x in out["input_ids"]]
+        if out.encodings is not None:  # fast tokenizers keep what truncation cut off
+            truncated = [bool(e.overflowing) for e in out.encodings]
+        else:
+            full = self.tokenizer(*columns)["input_ids"]
+            truncated = [len(f) > self.max_length for f in full]
+        types = out.get("token_type_ids")
+        data = Encoded(
+            input_ids=ids,
+            token_type_ids=[np.asarray(t, dtype=np.int64) for t in types] if types else None,
+            labels=np.zeros(len(ids), dtype=np.int64),
+            lengths=np.asarray([len(x) for x in ids]),
+            pad_id=self.pad_id,
+        )
+        return data, truncated
+
+
+def torch_logits_fn(model: nn.Module, device: torch.device, amp: torch.dtype | None) -> LogitsFn:
+    """A backend running ``model`` on ``device`` (autocast to ``amp`` unless None)."""
+
+    @torch.inference_mode()
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+        with autocast(device, amp):
+            return model(**inputs).logits.float().cpu().numpy()
+
+    return run
+
+
+def adapter_text_columns(config: dict[str, Any]) -> tuple[str, ...]:
+    """The text columns the adapter's task reads: its GLUE task's, else saved ones, else one."""
+    task = config.get("task")
+    if task in GLUE_TASKS:
+        return GLUE_TASKS[task].text_columns
+    return tuple(config.get("text_columns") or ("sentence",))

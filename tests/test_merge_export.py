@@ -1,0 +1,161 @@
+"""`lorakit merge` and `lorakit export`: parity with unmerged LoRA, safe writes, ONNX predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from tiny_adapter import make_adapter, make_base
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import lorakit.merge
+from lorakit import LoraKitError
+from lorakit.cli import main
+from lorakit.inject import lora_layers
+from lorakit.lora import LinearWithLoRA
+from lorakit.models import load_adapted_model
+
+TEXTS = ["fine", "the movie was not good", "great film, really great", "bad"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("merge")
+    base = make_base(root / "base")
+    return {"root": root, "adapter": make_adapter(root / "adapter", base)}
+
+
+@pytest.fixture(scope="module")
+def onnx_file(env: dict[str, Path]) -> Path:
+    out = env["root"] / "onnx" / "model.onnx"
+    assert main(["export", "--adapter", str(env["adapter"]), "--out", str(out)]) == 0
+    return out
+
+
+def _inputs(tokenizer_dir: Path) -> dict[str, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))  # (4, seq), padded
+
+
+def _unmerged_logits(adapter: Path, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    model, _, _ = load_adapted_model(adapter)
+    assert any(True for _ in lora_layers(model))
+    with torch.no_grad():
+        return model(**inputs).logits.numpy()
+
+
+def test_merged_directory_loads_in_plain_transformers_with_equal_logits(
+    env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(env["adapter"]), "--out", str(out)]) == 0
+    assert "largest logit difference" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert not any(isinstance(m, LinearWithLoRA) for m in model.modules())
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    inputs = _inputs(out)
+    with torch.no_grad():
+        merged = model(**inputs).logits.numpy()
+    np.testing.assert_allclose(merged, _unmerged_logits(env["adapter"], inputs), atol=1e-4)
+
+
+def test_merge_never_replaces_a_good_output_on_failure(
+    env: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "merged"
+    args = ["merge", "--adapter", str(env["adapter"]), "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    # A failed check (here: forced by a zero tolerance) leaves the old output and no temp dirs.
+    monkeypatch.setattr(lorakit.merge, "TOLERANCE", 0.0)
+    assert main([*args, "--overwrite"]) == 1
+    assert "differs from the unmerged model" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    monkeypatch.undo()
+    assert main([*args, "--overwrite"]) == 0
+    assert (
+        main(["merge", "--adapter", str(tmp_path / "nope"), "--out", str(out), "--overwrite"]) == 1
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (tmp_path / "file").write_text("x")
+    assert main(["merge", "--adapter", str(env["adapter"]), "--out", str(tmp_path / "file")]) == 1
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_onnx_graph_has_dynamic_axes_and_matches_torch(
+    env: dict[str, Path], onnx_file: Path
+) -> None:
+    meta = json.loads(onnx_file.with_suffix(".json").read_text())
+    assert meta["id2label"] == {"0": "negative", "1": "positive"}
+    assert meta["max_length"] == 32 and meta["text_columns"] == ["sentence"]
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    for node in session.get_inputs():
+        assert [isinstance(d, str) for d in node.shape] == [True, True], node.shape
+    inputs = _inputs(onnx_file.with_suffix(".tokenizer"))
+    expected = _unmerged_logits(env["adapter"], inputs)
+    for rows in (slice(0, 1), slice(0, 4)):  # batch 1 and batch 4 (padded), neither traced
+        feed = {k: v[rows].numpy() for k, v in inputs.items()}
+        np.testing.assert_allclose(session.run(None, feed)[0], expected[rows], atol=1e-4)
+
+
+def test_predict_on_onnx_matches_the_adapter(
+    env: dict[str, Path], onnx_file: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    capsys.readouterr()
+    for text in TEXTS:
+        assert main(["predict", "--onnx", str(onnx_file), "--text", text, "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert main(["predict", "--adapter", str(env["adapter"]), "--text", text, "--json"]) == 0
+        want = json.loads(capsys.readouterr().out)
+        assert got["label"] == want["label"]
+        assert got["probs"]["positive"] == pytest.approx(want["probs"]["positive"], abs=1e-4)
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    assert main(["predict", "--onnx", str(onnx_file), "--file", str(path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(TEXTS)
+
+
+def test_export_refusals_and_broken_onnx(
+    env: dict[str, Path], onnx_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = str(env["adapter"])
+    capsys.readouterr()
+    cases = [
+        (["export", "--adapter", adapter, "--out", str(onnx_file)], "pass --overwrite"),
+        (["export", "--adapter", adapter, "--out", str(tmp_path / "m.bin")], "must end in .onnx"),
+        (["export", "--adapter", str(tmp_path / "x"), "--out", str(tmp_path / "m.onnx")], "exist"),
+        (["predict", "--onnx", str(tmp_path / "none.onnx"), "--text", "a"], "does not exist"),
+        (["predict", "--onnx", str(onnx_file), "--text", "a", "--no-merge"], "does not apply"),
+    ]
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a protobuf")
+    cases.append((["predict", "--onnx", str(broken), "--text", "a"], "not a loadable ONNX"))
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(onnx_file.read_bytes())  # the graph without its json and tokenizer
+    cases.append((["predict", "--onnx", str(lonely), "--text", "a"], "lonely.json"))
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_parity_check_rejects_large_differences_and_nan() -> None:
+    a = np.zeros((2, 2), dtype=np.float32)
+    assert lorakit.merge._check_close("graph", a + 5e-5, a) == pytest.approx(5e-5)
+    for bad in (a + 2e-4, a * np.nan):
+        with pytest.raises(LoraKitError, match="graph differs from the unmerged model"):
+            lorakit.merge._check_close("graph", bad, a)
