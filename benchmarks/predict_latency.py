@@ -5,9 +5,9 @@
 MiniLM (the embedded model) with LoRA r=8 on query, key, value, dense and random nonzero
 lora_B, so the unmerged branch really computes. Every variant runs the same ``Predictor`` path
 (tokenize, length-sorted batches, forward, softmax). Batch-1 latency is taken per sentence
-(median and 90th percentile); batch-64 throughput is the median of ``--repeats`` passes over
-all sentences. The variants take turns sentence by sentence (and batch by batch), so drifts
-in machine speed hit them alike. Run it on an otherwise idle machine: it prints the load.
+(median and 90th percentile); batch-64 throughput over all sentences, each batch timed
+``--repeats`` times (median). The variants take turns sentence by sentence and batch by
+batch, so drifts in machine speed hit them alike. Run it on an otherwise idle machine.
 Prints a markdown table for docs/benchmarks.md.
 """
 
@@ -64,17 +64,24 @@ def build(folder: Path, bf16: bool) -> dict[str, Predictor]:
     return predictors
 
 
+def in_turns(predictors: dict[str, Predictor], i: int) -> list[tuple[str, Predictor]]:
+    """The variants in turn for item ``i``, rotated so that none always runs first or last."""
+    items = list(predictors.items())
+    k = i % len(items)
+    return items[k:] + items[:k]
+
+
 def latencies(predictors: dict[str, Predictor], texts: list[str]) -> dict[str, list[float]]:
     """Seconds per single-sentence call, the variants taking turns sentence by sentence.
 
     Taking turns puts every variant under the same background load (this VM's speed drifts
-    by ±20% over minutes), so the differences between variants are theirs.
+    and other jobs come and go), so the differences between the medians are the variants'.
     """
     for predictor in predictors.values():
         predictor.predict(texts[:10])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in predictors}
-    for text in texts:
-        for name, predictor in predictors.items():
+    for i, text in enumerate(texts):
+        for name, predictor in in_turns(predictors, i):
             start = time.perf_counter()
             predictor.predict([text])
             times[name].append(time.perf_counter() - start)
@@ -83,27 +90,29 @@ def latencies(predictors: dict[str, Predictor], texts: list[str]) -> dict[str, l
 
 def throughputs(
     predictors: dict[str, Predictor], texts: list[str], repeats: int
-) -> dict[str, list[float]]:
+) -> dict[str, float]:
     """Sentences per second at batch 64, the variants taking turns batch by batch.
 
     The texts are cut into the same length-sorted batches of 64 that one ``predict`` call
-    over all of them would run, and each batch is predicted by every variant in turn.
+    over all of them would run; every variant predicts each batch ``repeats`` times in turn,
+    and the rate is the sentence count over the sum of each batch's median time (robust to
+    a burst of background load during one repeat).
     """
     tokenizer = next(iter(predictors.values())).tokenizer
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     batches = [[texts[i] for i in order[j : j + 64]] for j in range(0, len(order), 64)]
-    rates: dict[str, list[float]] = {name: [] for name in predictors}
-    for _ in range(repeats):
-        spent = dict.fromkeys(predictors, 0.0)
-        for batch in batches:
-            for name, predictor in predictors.items():
+    times: dict[str, list[list[float]]] = {name: [[] for _ in batches] for name in predictors}
+    for r in range(repeats):
+        for b, batch in enumerate(batches):
+            for name, predictor in in_turns(predictors, r + b):
                 start = time.perf_counter()
                 predictor.predict(batch)
-                spent[name] += time.perf_counter() - start
-        for name in predictors:
-            rates[name].append(len(texts) / spent[name])
-    return rates
+                times[name][b].append(time.perf_counter() - start)
+    return {
+        name: len(texts) / sum(statistics.median(t) for t in per_batch)
+        for name, per_batch in times.items()
+    }
 
 
 def agreement(predictors: dict[str, Predictor], texts: list[str]) -> dict[str, float]:
@@ -120,7 +129,7 @@ def agreement(predictors: dict[str, Predictor], texts: list[str]) -> dict[str, f
 
 
 def run(args: argparse.Namespace) -> None:
-    load_before = os.getloadavg()[0]
+    load_before, started = os.getloadavg()[0], time.perf_counter()
     texts = [t[0] for t in read_file(args.data, ["sentence"], "label").texts]
     with tempfile.TemporaryDirectory() as tmp:
         predictors = build(Path(tmp), args.bf16)
@@ -139,18 +148,19 @@ def run(args: argparse.Namespace) -> None:
     report(lat, tput, diffs, len(texts))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; 1-min load average "
-        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (the benchmark adds ~2)"
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (the benchmark adds ~2); "
+        f"{time.perf_counter() - started:.0f} s in all"
     )
 
 
 def report(
     lat: dict[str, list[float]],
-    tput: dict[str, list[float]],
+    tput: dict[str, float],
     diffs: dict[str, float],
     n: int,
 ) -> None:
     base_lat = statistics.median(lat["bare base model"])
-    base_tput = statistics.median(tput["bare base model"])
+    base_tput = tput["bare base model"]
     print(
         "| variant | batch 1: median ms | batch 1: p90 ms | vs base | batch 64: sentences/s "
         "| vs base | max prob diff vs unmerged |"
@@ -159,7 +169,7 @@ def report(
     for name in lat:
         med = statistics.median(lat[name])
         p90 = float(np.percentile(lat[name], 90))
-        tp = statistics.median(tput[name])
+        tp = tput[name]
         diff = f"{diffs[name]:.1e}" if name in diffs else "-"
         print(
             f"| {name} | {1000 * med:.2f} | {1000 * p90:.2f} | {100 * (med / base_lat - 1):+.1f}% "
@@ -174,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("/work/shared/data/sst2/validation.tsv"))
     parser.add_argument("--latency_sentences", type=int, default=872)
-    parser.add_argument("--repeats", type=int, default=3, help="batch-64 passes per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timings of each batch of 64")
     parser.add_argument("--bf16", action="store_true", help="add merged + bf16 autocast")
     parser.add_argument("--bf16_sentences", type=int, default=20)
     run(parser.parse_args())
