@@ -64,6 +64,8 @@ KNOWN_KEYS = {
     "num_labels",
     "task",
     "lorakit_version",
+    "max_length",
+    "text_columns",
     "metrics",
     "exclude_modules",
     "megatron_config",

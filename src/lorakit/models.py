@@ -83,11 +83,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     path = resolve_model(name)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise LoraKitError(
             f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}"
         ) from None
+    if tokenizer.pad_token is None:
+        # GPT-2/LLaMA have no pad token; load_model makes EOS the model's pad id, so pad with
+        # EOS too, or the classifier would read a padding position as the last real token.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(
