@@ -112,7 +112,7 @@ def main() -> None:
 
 
 def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
-    from train_throughput import cpu_name
+    from train_throughput import cpu_name, publish
 
     base = next(iter(rows.values()))
     cmd = f".venv/bin/python benchmarks/predict_throughput.py --adapter {args.adapter}"
@@ -135,11 +135,7 @@ def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
             f"{r['examples_per_sec'] / base['examples_per_sec']:.2f}x | "
             f"{r['latency_ms']:.2f} | {r['accuracy']:.4f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_docs:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
-            f.write("\n" + text)
+    publish("\n".join(lines) + "\n", args.no_docs)
 
 
 if __name__ == "__main__":

@@ -202,9 +202,13 @@ def print_table(rows: dict, args: argparse.Namespace) -> None:
             f"{r['examples_per_sec'] / base['examples_per_sec']:.2f}x | {r['accuracy']:.4f} | "
             f"{r['peak_rss_mb']:.0f} |"
         )
-    text = "\n".join(lines) + "\n"
+    publish("\n".join(lines) + "\n", args.no_docs)
+
+
+def publish(text: str, print_only: bool) -> None:
+    """Print a benchmark's markdown and append it to docs/benchmarks.md."""
     print(text)
-    if not args.no_docs:
+    if not print_only:
         with (ROOT / "docs" / "benchmarks.md").open("a") as f:
             f.write("\n" + text)
 

@@ -175,11 +175,10 @@ def read_file(
 
 
 def _label_names(values: list[str]) -> tuple[str, ...]:
+    """Integer labels from 0 name themselves ("0".."max"); anything else sorts as strings."""
     unique = sorted(set(values))
-    if all(v.lstrip("-").isdigit() for v in unique):
-        ids = sorted(int(v) for v in unique)
-        if ids == list(range(len(ids))) or (ids and ids[0] == 0):
-            return tuple(str(i) for i in range(ids[-1] + 1))
+    if all(v.isdigit() for v in unique) and min(int(v) for v in unique) == 0:
+        return tuple(str(i) for i in range(max(int(v) for v in unique) + 1))
     return tuple(unique)
 
 
