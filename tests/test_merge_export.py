@@ -159,3 +159,50 @@ def test_parity_check_rejects_large_differences_and_nan() -> None:
     for bad in (a + 2e-4, a * np.nan):
         with pytest.raises(LoraKitError, match="graph differs from the unmerged model"):
             lorakit.merge._check_close("graph", bad, a)
+
+
+def _eval_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, float]:
+    capsys.readouterr()
+    assert main(["eval", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_on_onnx_equals_the_adapter_and_int8_stays_close(
+    env: dict[str, Path], onnx_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import write_sentiment_rows
+
+    data = write_sentiment_rows(env["root"] / "eval.tsv", 40, seed=3)
+    flags = ["--validation_file", str(data), "--text_columns", "sentence"]
+    flags += ["--label_column", "label"]
+    want = _eval_json(capsys, ["--adapter", str(env["adapter"]), *flags])
+    got = _eval_json(capsys, ["--onnx", str(onnx_file), *flags])
+    assert got["examples"] == want["examples"] == 40
+    assert got["accuracy"] == want["accuracy"]
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
+
+    int8 = env["root"] / "onnx" / "model.int8.onnx"
+    argv = ["export", "--adapter", str(env["adapter"]), "--out", str(int8), "--quantize", "int8"]
+    assert main(argv) == 0
+    assert "labels agree on" in capsys.readouterr().out
+    assert json.loads(int8.with_suffix(".json").read_text())["quantization"] == "int8"
+    assert int8.stat().st_size < onnx_file.stat().st_size
+    inputs = {k: v.numpy() for k, v in _inputs(onnx_file.with_suffix(".tokenizer")).items()}
+    fp32 = ort.InferenceSession(str(onnx_file)).run(None, inputs)[0]
+    quant = ort.InferenceSession(str(int8)).run(None, inputs)[0]
+    # int8 weights are not exact; on this 32-wide random model the error is ~10% of the logits.
+    assert 0 < np.abs(quant - fp32).max() < 0.15 * np.abs(fp32).max()
+    low = _eval_json(capsys, ["--onnx", str(int8), *flags])
+    assert low["loss"] == pytest.approx(want["loss"], rel=0.1)
+
+    capsys.readouterr()
+    assert main(["eval", "--onnx", str(onnx_file), "--model", "x", *flags]) == 1
+    assert "--model does not apply to --onnx" in capsys.readouterr().err
+    for bad in (
+        ["eval", "--onnx", str(onnx_file), "--adapter", "x"],
+        ["export", *argv[1:5], "--quantize", "int4", "--overwrite"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(bad)
+        assert exit_info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -66,9 +66,24 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """``loss`` plus ``classification_metrics`` of the model on ``data``."""
-    logits = predict_logits(model, data, batch_size, device, amp_dtype)
-    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.labels))
-    return {"loss": float(loss), **classification_metrics(logits.argmax(-1), data.labels)}
+    return logits_metrics(predict_logits(model, data, batch_size, device, amp_dtype), data.labels)
+
+
+def logits_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Cross-entropy ``loss`` plus ``classification_metrics`` of (n, classes) logits."""
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    return {"loss": float(loss), **classification_metrics(logits.argmax(-1), labels)}
+
+
+def _task_overrides(meta: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The saved task and max_length, unless the command line gave its own."""
+    from lorakit.data import GLUE_TASKS
+
+    if "data.subset" not in overrides and meta.get("task") in GLUE_TASKS:
+        overrides = {**overrides, "data.subset": meta["task"]}
+    if "training.max_length" not in overrides and meta.get("max_length"):
+        overrides = {**overrides, "training.max_length": meta["max_length"]}
+    return overrides
 
 
 def evaluate_adapter(
@@ -77,15 +92,11 @@ def evaluate_adapter(
     """Metrics of a saved adapter on a split of its task (or of ``--validation_file``)."""
     from lorakit.adapter import read_adapter_config
     from lorakit.config import load_config
-    from lorakit.data import GLUE_TASKS, encode, load_examples
+    from lorakit.data import encode, load_examples
     from lorakit.models import load_adapted_model
     from lorakit.runtime import amp_dtype, pick_device
 
-    adapter_config = read_adapter_config(adapter_dir)
-    if "data.subset" not in overrides and adapter_config.get("task") in GLUE_TASKS:
-        overrides = {**overrides, "data.subset": adapter_config["task"]}
-    if "training.max_length" not in overrides and adapter_config.get("max_length"):
-        overrides = {**overrides, "training.max_length": adapter_config["max_length"]}
+    overrides = _task_overrides(read_adapter_config(adapter_dir), overrides)
     config = load_config(None, overrides)
     t = config.training
     device = pick_device(t.device)
@@ -98,3 +109,28 @@ def evaluate_adapter(
     data = encode(examples, tokenizer, t.max_length)
     metrics = evaluate(model, data, max(64, t.batch_size), device, amp_dtype(t.precision, device))
     return {"examples": len(data), **metrics}
+
+
+def evaluate_onnx(
+    path: Path, split: Literal["train", "validation"], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Metrics of a graph ``lorakit export`` wrote (fp32 or int8), through onnxruntime."""
+    import json
+
+    from lorakit.config import load_config
+    from lorakit.data import encode, load_examples
+    from lorakit.merge import onnx_sidecar
+    from lorakit.predict import Predictor
+
+    predictor = Predictor.from_onnx(path, overrides.get("training.max_length"))
+    meta = json.loads(onnx_sidecar(path).read_text(encoding="utf-8"))
+    config = load_config(None, _task_overrides(meta, overrides))
+    t = config.training
+    examples = load_examples(config.data, split, predictor.labels).head(t.max_eval_samples)
+    data = encode(examples, predictor.tokenizer, predictor.max_length)
+    logits = np.zeros((len(data), len(predictor.id2label)), dtype=np.float32)
+    for idx in eval_order(data.lengths, max(64, t.batch_size)):
+        batch = collate(data, idx)
+        batch.pop("labels")
+        logits[idx] = predictor.logits_fn({k: v.numpy() for k, v in batch.items()})
+    return {"examples": len(data), **logits_metrics(logits, data.labels)}

@@ -177,20 +177,40 @@ def read_onnx_session(path: Path) -> Any:
         raise LoraKitError(f"{path} is not a loadable ONNX model: {str(e)[:200]}") from None
 
 
+def _quantize_int8(graph: Path, out: Path) -> None:
+    """Dynamic int8 quantization (weights int8 ahead of time, activations per call)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # quantize_dynamic logs a pre-processing suggestion on the root logger; not needed here.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(graph, out, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
 def export_onnx(
     adapter_dir: Path,
     out: Path,
     model_name: str | None = None,
     overwrite: bool = False,
+    quantize: Literal["none", "int8"] = "none",
 ) -> dict[str, Any]:
     """Export the merged classifier to ONNX and check it against torch with onnxruntime.
 
     The graph is traced on 2 short sentences and checked on 3 longer ones of mixed lengths,
-    so the check also proves the batch and sequence axes dynamic.
+    so the check also proves the batch and sequence axes dynamic. With ``quantize="int8"``
+    the checked fp32 graph is then quantized (dynamic int8 MatMuls: ~4x smaller, faster on
+    CPU, not bit-exact); its logits must be finite and its differences are reported.
 
     Returns:
-        ``out`` and ``max_abs_diff`` (onnxruntime vs the unmerged torch model).
+        ``out``, ``max_abs_diff`` (fp32 onnxruntime vs the unmerged torch model) and, for
+        int8, ``int8_max_abs_diff`` and ``int8_labels_agree`` ("k/n" check sentences).
     """
+    if quantize not in ("none", "int8"):
+        raise LoraKitError(f"--quantize must be none or int8, got {quantize!r}")
     if out.suffix != ".onnx":
         raise LoraKitError(f"--out must end in .onnx, got {out}")
     _check_out(out, overwrite, "file")
@@ -204,15 +224,28 @@ def export_onnx(
         names = {i.name for i in session.get_inputs()}
         feed = {k: v.numpy() for k, v in inputs.items() if k in names}
         diff = _check_close("the ONNX graph", session.run(None, feed)[0], reference)
+        result: dict[str, Any] = {"out": str(out), "max_abs_diff": diff}
+        if quantize == "int8":
+            fp32_graph = graph.with_suffix(".fp32.onnx")
+            graph.replace(fp32_graph)
+            _quantize_int8(fp32_graph, graph)
+            fp32_graph.unlink()
+            logits = read_onnx_session(graph).run(None, feed)[0]
+            if not np.isfinite(logits).all():
+                raise LoraKitError("the int8 graph gives non-finite logits; export without it")
+            agree = int((logits.argmax(-1) == reference.argmax(-1)).sum())
+            result["int8_max_abs_diff"] = float(np.abs(logits - reference).max())
+            result["int8_labels_agree"] = f"{agree}/{len(reference)}"
         tokenizer.save_pretrained(str(onnx_tokenizer_dir(graph)))
-        onnx_sidecar(graph).write_text(json.dumps(_sidecar(model, config, adapter_dir), indent=2))
+        meta = {**_sidecar(model, config, adapter_dir), "quantization": quantize}
+        onnx_sidecar(graph).write_text(json.dumps(meta, indent=2))
         # Graph last: a predictor never finds a new graph beside an old sidecar.
         replace_dir(onnx_tokenizer_dir(graph), onnx_tokenizer_dir(out))
         onnx_sidecar(graph).replace(onnx_sidecar(out))
         graph.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "max_abs_diff": diff}
+    return result
 
 
 def _sidecar(model: nn.Module, config: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:

@@ -161,7 +161,8 @@ class Predictor:
             text_columns=tuple(meta.get("text_columns", ("sentence",))),
             batch_size=batch_size,
             pad_id=int(meta.get("pad_token_id") or 0),
-            description=f"ONNX {path} (onnxruntime, cpu, float32)",
+            description=f"ONNX {path} (onnxruntime, cpu, "
+            f"{'int8' if meta.get('quantization') == 'int8' else 'float32'})",
         )
 
     @property

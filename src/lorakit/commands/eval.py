@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lorakit.cli import add_config_flags, config_overrides
 
-HELP = "evaluate an adapter on a GLUE split or your own file"
+HELP = "evaluate an adapter (or an exported .onnx) on a GLUE split or your own file"
 DATA_FLAGS = (
     "task",
     "dataset",
@@ -26,16 +26,27 @@ DATA_FLAGS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", type=Path, required=True, help="adapter directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", type=Path, help="adapter directory")
+    source.add_argument("--onnx", type=Path, metavar="FILE", help="a graph lorakit export wrote")
     parser.add_argument("--split", choices=("validation", "train"), default="validation")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_config_flags(parser, only=DATA_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.evaluate import evaluate_adapter
+    from lorakit.errors import LoraKitError
+    from lorakit.evaluate import evaluate_adapter, evaluate_onnx
 
-    metrics = evaluate_adapter(args.adapter, args.split, config_overrides(args))
+    overrides = config_overrides(args)
+    if args.onnx:
+        ignored = {"model_name", "training.precision", "training.device"} & set(overrides)
+        if ignored:
+            flags = ", ".join(f"--{k.split('.')[-1].replace('_name', '')}" for k in sorted(ignored))
+            raise LoraKitError(f"{flags} does not apply to --onnx (the graph holds the model)")
+        metrics = evaluate_onnx(args.onnx, args.split, overrides)
+    else:
+        metrics = evaluate_adapter(args.adapter, args.split, overrides)
     if args.json:
         print(json.dumps(metrics))
     else:
