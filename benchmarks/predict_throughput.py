@@ -6,8 +6,9 @@ Both load the same adapter (PEFT through ``PeftModel.from_pretrained``, which al
 adapter interoperates) over the embedded MiniLM and classify the 872 SST-2 validation
 sentences: batched throughput (PEFT: ``Trainer.predict`` with its default eval batch of 8 in
 dataset order; lorakit: merged weights, length-sorted batches of 64) and batch-1 latency
-(tokenize + forward of one sentence, median over 200). Prints a markdown table and appends it
-to docs/benchmarks.md with the command and the date.
+(tokenize + forward of one sentence, median over 200); then the same predictor over the graphs
+``lorakit export`` writes, fp32 and ``--quantize int8``, through onnxruntime. Prints a
+markdown table and appends it to docs/benchmarks.md with the command and the date.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 
 from lorakit.config import DataSettings
 from lorakit.data import load_examples
+from lorakit.merge import export_onnx
 from lorakit.models import load_model, load_tokenizer
 from lorakit.predict import Predictor
 
@@ -89,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapter", type=Path, required=True, help="an SST-2 adapter on minilm")
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--onnx", type=Path, help="also time this exported graph")
+    p.add_argument("--no_onnx", action="store_true", help="skip the exported fp32/int8 graphs")
     p.add_argument("--no_docs", action="store_true")
     args = p.parse_args()
     ex = load_examples(DataSettings(subset="sst2", data_dir=args.data_dir), "validation")
@@ -104,10 +107,14 @@ def main() -> None:
         predictor = Predictor.from_adapter(args.adapter, merge=merge, batch_size=64)
         name = f"lorakit predict, {'merged' if merge else 'unmerged'} (batch 64, length-sorted)"
         rows[name] = lorakit_side(predictor, texts, labels)
-    if args.onnx:
-        rows["lorakit predict --onnx (onnxruntime, batch 64, length-sorted)"] = lorakit_side(
-            Predictor.from_onnx(args.onnx, batch_size=64), texts, labels
-        )
+    if not args.no_onnx:
+        with tempfile.TemporaryDirectory() as tmp:
+            for quantize in ("none", "int8"):
+                graph = Path(tmp) / f"{quantize}.onnx"
+                export_onnx(args.adapter, graph, quantize=quantize)  # type: ignore[arg-type]
+                kind = "int8" if quantize == "int8" else "fp32"
+                name = f"lorakit predict --onnx, {kind} (export --quantize {quantize}, batch 64)"
+                rows[name] = lorakit_side(Predictor.from_onnx(graph, batch_size=64), texts, labels)
     report(rows, args)
 
 
@@ -116,8 +123,8 @@ def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
 
     base = next(iter(rows.values()))
     cmd = f".venv/bin/python benchmarks/predict_throughput.py --adapter {args.adapter}"
-    if args.onnx:
-        cmd += f" --onnx {args.onnx}"
+    if args.no_onnx:
+        cmd += " --no_onnx"
     lines = [
         f"### Inference vs PEFT, {datetime.date.today()}",
         "",
