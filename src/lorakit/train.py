@@ -145,9 +145,10 @@ def train(config: Config) -> dict[str, Any]:
         log.line(f"↻ Resumed from checkpoint at epoch {state.epoch + 1}, step {state.global_step}")
     else:
         save_config(config, out / "config.yaml")
+        precision = str(dtype or torch.float32).removeprefix("torch.")
         log.line(
             f"🚀 lorakit: {config.model_name} on {_data_name(config)} | device {device} | "
-            f"precision {dtype or torch.float32} | {len(train_data):,} train / "
+            f"precision {precision} | {len(train_data):,} train / "
             f"{len(eval_data):,} eval examples"
         )
         log.line(format_parameter_stats(stats))
