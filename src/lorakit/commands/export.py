@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if "int8_max_abs_diff" in result:
         print(
             f"   int8: largest logit difference {result['int8_max_abs_diff']:.2e}, labels agree "
-            f"on {result['int8_labels_agree']} check sentences; measure accuracy with "
-            "`lorakit predict --onnx ... --file`"
+            f"on {result['int8_labels_agree']} check sentences; check its accuracy with "
+            f"`lorakit eval --onnx {out}`"
         )
     return 0
