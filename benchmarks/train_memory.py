@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
-from train_throughput import cpu_name, publish
+from train_throughput import _rss_mb, cpu_name, publish
 
 MODELS = {"minilm": "embedded MiniLM (all-MiniLM-L6-v2)", "bert-base": "BERT-base shape (random)"}
 MODES = ("lora", "full")
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(model_name: str, mode: str) -> torch.nn.Module:
