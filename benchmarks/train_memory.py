@@ -8,7 +8,10 @@ random token sequences of ``--seq_len`` tokens (128 = the shipped configs' max_l
 largest batch a run can meet). "LoRA" is lorakit's own injection (r=8 on query/key/value/dense,
 head trainable, base frozen); "full" trains every parameter. The BERT-base-shaped model has
 bert-base-uncased's config (``BertConfig()``) and random weights, so no download is needed.
-Prints a markdown table and appends it to docs/benchmarks.md.
+``--malloc default`` leaves glibc's self-adjusting mmap threshold; ``pinned`` runs the child with
+``MALLOC_MMAP_THRESHOLD_=4194304`` (blocks above 4 MiB always mmapped, so freed activations go
+back to the system); give both to compare. Prints a markdown table and appends it
+to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +29,7 @@ from train_throughput import _rss_mb, cpu_name, publish
 
 MODELS = {"minilm": "embedded MiniLM (all-MiniLM-L6-v2)", "bert-base": "BERT-base shape (random)"}
 MODES = ("lora", "full")
+MALLOC = {"default": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}}
 
 
 def build(model_name: str, mode: str) -> torch.nn.Module:
@@ -74,16 +79,19 @@ def child(model_name: str, mode: str, batch: int, seq_len: int, steps: int) -> d
 def parent(args: argparse.Namespace) -> None:
     rows = {}
     for model_name in args.models:
-        for mode in MODES:
-            cmd = [sys.executable, __file__, "--child", model_name, mode]
-            cmd += ["--batch", str(args.batch), "--seq_len", str(args.seq_len)]
-            cmd += ["--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.exit(f"{model_name}/{mode} failed:\n{proc.stderr[-3000:]}")
-            rows[model_name, mode] = json.loads(lines[-1][7:])
-            print(model_name, mode, rows[model_name, mode], flush=True)
+        for malloc in args.malloc:
+            for mode in MODES:
+                cmd = [sys.executable, __file__, "--child", model_name, mode]
+                cmd += ["--batch", str(args.batch), "--seq_len", str(args.seq_len)]
+                cmd += ["--steps", str(args.steps)]
+                env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+                env.update(MALLOC[malloc])
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.exit(f"{model_name}/{mode}/{malloc} failed:\n{proc.stderr[-3000:]}")
+                rows[model_name, mode, malloc] = json.loads(lines[-1][7:])
+                print(model_name, mode, malloc, rows[model_name, mode, malloc], flush=True)
     report(rows, args)
 
 
@@ -92,19 +100,20 @@ def report(rows: dict, args: argparse.Namespace) -> None:
         f"### Training memory: LoRA vs full fine-tuning, {datetime.date.today()}",
         "",
         f"Command: `.venv/bin/python benchmarks/train_memory.py --batch {args.batch} "
-        f"--seq_len {args.seq_len} --steps {args.steps}`  ",
+        f"--seq_len {args.seq_len} --steps {args.steps} --malloc {' '.join(args.malloc)}`  ",
         f"Machine: {cpu_name()}, torch {torch.__version__}, fp32.  ",
         f"Setup: batch {args.batch} x {args.seq_len} tokens, {args.steps} AdamW steps, each "
         "variant in its own process. LoRA = lorakit r=8 on query/key/value/dense + head; full = "
-        "every parameter trains.",
+        "every parameter trains. malloc: default = glibc's self-adjusting mmap threshold, "
+        "pinned = `MALLOC_MMAP_THRESHOLD_=4194304`.",
         "",
-        "| model | training | trainable / total params | RSS after load MB | peak RSS MB "
-        "| peak - load MB | s/step |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| model | training | malloc | trainable / total params | RSS after load MB "
+        "| peak RSS MB | peak - load MB | s/step |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
-    for (model_name, mode), r in rows.items():
+    for (model_name, mode, malloc), r in rows.items():
         lines.append(
-            f"| {MODELS[model_name]} | {mode} | {r['trainable_params']:,} / "
+            f"| {MODELS[model_name]} | {mode} | {malloc} | {r['trainable_params']:,} / "
             f"{r['total_params']:,} | {r['rss_after_load_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['peak_rss_mb'] - r['rss_after_load_mb']:.0f} | {r['last_step_s']:.2f} |"
         )
@@ -117,6 +126,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--malloc", nargs="+", default=["default"], choices=list(MALLOC))
     p.add_argument("--no_docs", action="store_true", help="print only")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
