@@ -17,7 +17,7 @@ import datetime
 import json
 import time
 
-from train_throughput import ROOT, _rss_mb, cpu_name, publish
+from train_throughput import ROOT, _rss_mb, cpu_name, peft_minilm, publish, sst2_datasets
 
 RECIPE = {"rank": 8, "alpha": 8, "dropout": 0.0, "batch_size": 32, "lr": 5e-4, "max_length": 128}
 
@@ -25,35 +25,13 @@ RECIPE = {"rank": 8, "alpha": 8, "dropout": 0.0, "batch_size": 32, "lr": 5e-4, "
 def run(data_dir: str, epochs: int, seed: int, max_train_samples: int) -> dict:
     import numpy as np
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from lorakit.config import DataSettings
-    from lorakit.data import load_examples
-    from lorakit.models import load_model, load_tokenizer
     from lorakit.runtime import bf16_fast
 
-    settings = DataSettings(subset="sst2", data_dir=data_dir)
-    tokenizer = load_tokenizer("minilm")
-
-    def dataset(split: str, n: int) -> Dataset:
-        ex = load_examples(settings, split).head(n)  # type: ignore[arg-type]
-        enc = tokenizer([t[0] for t in ex.texts], truncation=True, max_length=RECIPE["max_length"])
-        return Dataset.from_dict({**enc, "labels": ex.labels})
-
-    train_ds, eval_ds = dataset("train", max_train_samples), dataset("validation", 0)
+    tokenizer, train_ds, eval_ds = sst2_datasets(data_dir, max_train_samples, RECIPE["max_length"])
     torch.manual_seed(seed)
-    model = get_peft_model(
-        load_model("minilm", {0: "negative", 1: "positive"}),
-        LoraConfig(
-            task_type="SEQ_CLS",
-            r=RECIPE["rank"],
-            lora_alpha=RECIPE["alpha"],
-            lora_dropout=RECIPE["dropout"],
-            target_modules=["query", "key", "value", "dense"],
-        ),
-    )
+    model = peft_minilm(RECIPE["rank"], RECIPE["alpha"], RECIPE["dropout"])
     bf16 = bf16_fast(torch.device("cpu"))
 
     def accuracy(pred) -> dict:  # noqa: ANN001

@@ -65,11 +65,47 @@ def run_lorakit(data_dir: str, samples: int, out: Path) -> dict:
     }
 
 
+def sst2_datasets(data_dir: str, train_rows: int, max_length: int) -> tuple:
+    """The MiniLM tokenizer and tokenized SST-2 train (first ``train_rows``, 0 = all) and
+    validation splits, as ``datasets.Dataset`` for the Trainer peers."""
+    from datasets import Dataset
+
+    from lorakit.config import DataSettings
+    from lorakit.data import load_examples
+    from lorakit.models import load_tokenizer
+
+    settings = DataSettings(subset="sst2", data_dir=data_dir)
+    tokenizer = load_tokenizer("minilm")
+
+    def dataset(split: str, n: int) -> Dataset:
+        ex = load_examples(settings, split).head(n)  # type: ignore[arg-type]
+        enc = tokenizer([t[0] for t in ex.texts], truncation=True, max_length=max_length)
+        return Dataset.from_dict({**enc, "labels": ex.labels})
+
+    return tokenizer, dataset("train", train_rows), dataset("validation", 0)
+
+
+def peft_minilm(rank: int, alpha: float, dropout: float):  # noqa: ANN201
+    """The embedded MiniLM wrapped by PEFT's LoRA on query/key/value/dense (the peers' model)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.models import load_model
+
+    return get_peft_model(
+        load_model("minilm", {0: "negative", 1: "positive"}),
+        LoraConfig(
+            task_type="SEQ_CLS",
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=["query", "key", "value", "dense"],
+        ),
+    )
+
+
 def run_trainer(data_dir: str, samples: int, out: Path, tuned: bool) -> dict:
     import numpy as np
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from transformers import (
         DataCollatorWithPadding,
         Trainer,
@@ -77,32 +113,11 @@ def run_trainer(data_dir: str, samples: int, out: Path, tuned: bool) -> dict:
         TrainingArguments,
     )
 
-    from lorakit.config import DataSettings
-    from lorakit.data import load_examples
-    from lorakit.models import load_model, load_tokenizer
     from lorakit.runtime import bf16_fast
 
     torch.manual_seed(42)
-    settings = DataSettings(subset="sst2", data_dir=data_dir)
-    tokenizer = load_tokenizer("minilm")
-
-    def dataset(split: str, n: int) -> Dataset:
-        ex = load_examples(settings, split).head(n)  # type: ignore[arg-type]
-        enc = tokenizer([t[0] for t in ex.texts], truncation=True, max_length=HYPER["max_length"])
-        return Dataset.from_dict({**enc, "labels": ex.labels})
-
-    train_ds, eval_ds = dataset("train", samples), dataset("validation", 0)
-    model = load_model("minilm", {0: "negative", 1: "positive"})
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            task_type="SEQ_CLS",
-            r=HYPER["rank"],
-            lora_alpha=HYPER["alpha"],
-            lora_dropout=HYPER["dropout"],
-            target_modules=["query", "key", "value", "dense"],
-        ),
-    )
+    tokenizer, train_ds, eval_ds = sst2_datasets(data_dir, samples, HYPER["max_length"])
+    model = peft_minilm(HYPER["rank"], HYPER["alpha"], HYPER["dropout"])
 
     class Clock(TrainerCallback):
         marks: list[float] = []
