@@ -26,10 +26,10 @@ import torch
 
 from lorakit import apply_lora_to_model, save_adapter
 from lorakit.data import read_file
-from lorakit.inject import unwrap_lora
-from lorakit.merge import export_onnx
+from lorakit.export import export_onnx
 from lorakit.models import load_model, load_tokenizer
 from lorakit.predict import Predictor
+from lorakit.state import unwrap_lora
 
 LABELS = {0: "negative", 1: "positive"}
 TARGETS = ["query", "key", "value", "dense"]

@@ -25,7 +25,7 @@ import torch
 
 from lorakit.config import DataSettings
 from lorakit.data import load_examples
-from lorakit.merge import export_onnx
+from lorakit.export import export_onnx
 from lorakit.models import load_model, load_tokenizer
 from lorakit.predict import Predictor
 

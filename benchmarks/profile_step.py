@@ -28,8 +28,8 @@ from train_throughput import cpu_name, publish
 
 from lorakit.config import load_config
 from lorakit.data import Encoded, batch_order, collate, eval_order
-from lorakit.inject import unwrap_lora
 from lorakit.models import load_tokenizer
+from lorakit.state import unwrap_lora
 from lorakit.train import build_model, build_optimizer, load_data
 
 Step = Callable[[np.ndarray], None]

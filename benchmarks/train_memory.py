@@ -35,8 +35,9 @@ MALLOC = {"default": {}, "pinned": {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}}
 def build(model_name: str, mode: str) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lorakit.inject import apply_lora_to_model, mark_only_lora_as_trainable
+    from lorakit.inject import apply_lora_to_model
     from lorakit.models import load_model
+    from lorakit.state import mark_only_lora_as_trainable
 
     if model_name == "minilm":
         model = load_model("minilm", {0: "negative", 1: "positive"})

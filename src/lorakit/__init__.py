@@ -2,8 +2,9 @@
 
 from lorakit.adapter import load_adapter, save_adapter
 from lorakit.errors import LoraKitError
-from lorakit.inject import (
-    apply_lora_to_model,
+from lorakit.inject import apply_lora_to_model
+from lorakit.lora import LinearWithLoRA, LoRALayer
+from lorakit.state import (
     count_lora_parameters,
     disable_adapter,
     format_parameter_stats,
@@ -13,7 +14,6 @@ from lorakit.inject import (
     merge_lora_weights,
     unmerge_lora_weights,
 )
-from lorakit.lora import LinearWithLoRA, LoRALayer
 
 __version__ = "0.1.0"
 

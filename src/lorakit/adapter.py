@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.atomic import atomic_dir
 from lorakit.errors import LoraKitError
-from lorakit.inject import (
-    find_heads,
-    find_target_modules,
-    get_lora_state_dict,
-    lora_layers,
-    matches_target,
-)
+from lorakit.inject import find_heads, find_target_modules, lora_layers, matches_target
 from lorakit.lora import DEFAULT_ADAPTER, LinearWithLoRA
+from lorakit.state import get_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -143,31 +136,10 @@ def save_adapter(
     }
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` with at most a moment between.
-
-    The old ``dst`` is renamed aside first and removed only after the new one is in place,
-    so a kill at any point leaves either the old or the new directory (never a mix).
-    """
-    old = dst.with_name(f".{dst.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:

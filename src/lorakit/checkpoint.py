@@ -7,8 +7,6 @@ any moment leaves the previous good checkpoint intact.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.adapter import load_adapter, replace_dir, save_adapter
+from lorakit.adapter import load_adapter, save_adapter
+from lorakit.atomic import atomic_dir
 from lorakit.errors import LoraKitError
 
 STATE_NAME = "trainer_state.json"
@@ -52,8 +51,7 @@ def save_checkpoint(
     rng_state: torch.Tensor,
     base_model: str,
 ) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model)
         torch.save(
             {
@@ -64,10 +62,6 @@ def save_checkpoint(
             tmp / TENSORS_NAME,
         )
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=1))
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(

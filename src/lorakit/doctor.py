@@ -56,8 +56,9 @@ def _tiny_step(device, dtype) -> Check:  # noqa: ANN001
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lorakit.evaluate import autocast
-    from lorakit.inject import apply_lora_to_model, mark_only_lora_as_trainable
+    from lorakit.inject import apply_lora_to_model
+    from lorakit.runtime import autocast
+    from lorakit.state import mark_only_lora_as_trainable
 
     try:
         model = BertForSequenceClassification(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from lorakit.data import Encoded, collate, eval_order
+from lorakit.runtime import autocast
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -26,13 +26,6 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, f
         denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
         metrics["matthews"] = (tp * tn - fp * fn) / denom if denom else 0.0
     return metrics
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
-    """Autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None (fp32)."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -119,7 +112,7 @@ def evaluate_onnx(
 
     from lorakit.config import load_config
     from lorakit.data import encode, load_examples
-    from lorakit.merge import onnx_sidecar
+    from lorakit.export import onnx_sidecar
     from lorakit.predict import Predictor
 
     predictor = Predictor.from_onnx(path, overrides.get("training.max_length"))

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit.data import GLUE_TASKS, Encoded, collate, eval_order
 from lorakit.errors import LoraKitError
-from lorakit.evaluate import autocast
+from lorakit.runtime import autocast
 
 Text = str | tuple[str, ...]  # one text, or a sentence pair for pair tasks
 LogitsFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 (batch, seq) -> (batch, labels)
@@ -106,9 +106,9 @@ class Predictor:
         batch_size: int = 32,
     ) -> Predictor:
         """Base model + adapter; ``merge`` folds LoRA in and puts plain layers back."""
-        from lorakit.inject import unwrap_lora
         from lorakit.models import load_adapted_model
         from lorakit.runtime import amp_dtype, pick_device
+        from lorakit.state import unwrap_lora
 
         dev = pick_device(device)
         model, tokenizer, config = load_adapted_model(adapter_dir, model_name, dev)
@@ -132,7 +132,7 @@ class Predictor:
         cls, path: str | Path, max_length: int | None = None, batch_size: int = 32
     ) -> Predictor:
         """The graph ``lorakit export`` wrote, with the tokenizer and sidecar json beside it."""
-        from lorakit.merge import onnx_sidecar, onnx_tokenizer_dir, read_onnx_session
+        from lorakit.export import onnx_sidecar, onnx_tokenizer_dir, read_onnx_session
         from lorakit.models import load_tokenizer
 
         path = Path(path)

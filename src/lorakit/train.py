@@ -26,17 +26,17 @@ from lorakit.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from lorakit.config import Config, save_config
 from lorakit.data import Encoded, Examples, batch_order, collate, encode, load_examples
 from lorakit.errors import LoraKitError
-from lorakit.evaluate import autocast, evaluate
-from lorakit.inject import (
-    apply_lora_to_model,
+from lorakit.evaluate import evaluate
+from lorakit.inject import apply_lora_to_model
+from lorakit.models import canonical_name, load_model, load_tokenizer
+from lorakit.plots import plot_training_curves
+from lorakit.runlog import RunLog
+from lorakit.runtime import amp_dtype, autocast, pick_device
+from lorakit.state import (
     count_lora_parameters,
     format_parameter_stats,
     mark_only_lora_as_trainable,
 )
-from lorakit.models import canonical_name, load_model, load_tokenizer
-from lorakit.plots import plot_training_curves
-from lorakit.runlog import RunLog
-from lorakit.runtime import amp_dtype, pick_device
 
 OUTPUTS = (
     "best",

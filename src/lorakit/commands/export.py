@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from lorakit.merge import export_onnx, onnx_sidecar, onnx_tokenizer_dir
+    from lorakit.export import export_onnx, onnx_sidecar, onnx_tokenizer_dir
 
     hf_logging.disable_progress_bar()
     result = export_onnx(args.adapter, args.out, args.model, args.overwrite, args.quantize)

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from lorakit.merge import merge_adapter
+    from lorakit.export import merge_adapter
 
     hf_logging.disable_progress_bar()
     result = merge_adapter(args.adapter, args.out, args.model, args.overwrite)

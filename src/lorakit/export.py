@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from lorakit.adapter import replace_dir
+from lorakit.atomic import atomic_dir, recover, replace_dir
 from lorakit.errors import LoraKitError
 from lorakit.predict import DEFAULT_MAX_LENGTH, DEMO_SENTENCES, adapter_text_columns
 
@@ -85,8 +84,8 @@ def _load_merged(
     adapter_dir: Path, model_name: str | None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any], dict[str, torch.Tensor], np.ndarray]:
     """The merged fp32 CPU model, plus sample inputs and the *unmerged* model's logits on them."""
-    from lorakit.inject import unwrap_lora
     from lorakit.models import load_adapted_model
+    from lorakit.state import unwrap_lora
 
     model, tokenizer, config = load_adapted_model(adapter_dir, model_name, torch.device("cpu"))
     inputs = _sample_inputs(tokenizer, CHECK_TEXTS, 32)
@@ -106,17 +105,11 @@ def merge_adapter(
     """
     _check_out(out, overwrite, "dir")
     model, tokenizer, config, inputs, reference = _load_merged(adapter_dir, model_name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(str(tmp))
         reloaded = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32)
         diff = _check_close("the merged model", _logits(reloaded.eval(), inputs), reference)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "max_abs_diff": diff}
 
 
@@ -215,10 +208,11 @@ def export_onnx(
         raise LoraKitError(f"--out must end in .onnx, got {out}")
     _check_out(out, overwrite, "file")
     model, tokenizer, config, inputs, reference = _load_merged(adapter_dir, model_name)
+    recover(onnx_tokenizer_dir(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        graph = tmp / out.name
+    # The three files are staged together, then moved in one by one, the graph last.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp.", dir=out.parent) as staging:
+        graph = Path(staging) / out.name
         _export_graph(model, _sample_inputs(tokenizer, TRACE_TEXTS, 8), graph)
         session = read_onnx_session(graph)
         names = {i.name for i in session.get_inputs()}
@@ -243,8 +237,6 @@ def export_onnx(
         replace_dir(onnx_tokenizer_dir(graph), onnx_tokenizer_dir(out))
         onnx_sidecar(graph).replace(onnx_sidecar(out))
         graph.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 

@@ -12,7 +12,7 @@ import torch
 from tiny_adapter import make_adapter, make_base
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import lorakit.merge
+import lorakit.export
 from lorakit import LoraKitError
 from lorakit.cli import main
 from lorakit.inject import lora_layers
@@ -78,7 +78,7 @@ def test_merge_never_replaces_a_good_output_on_failure(
     assert main(args) == 1
     assert "not empty; pass --overwrite" in capsys.readouterr().err
     # A failed check (here: forced by a zero tolerance) leaves the old output and no temp dirs.
-    monkeypatch.setattr(lorakit.merge, "TOLERANCE", 0.0)
+    monkeypatch.setattr(lorakit.export, "TOLERANCE", 0.0)
     assert main([*args, "--overwrite"]) == 1
     assert "differs from the unmerged model" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -155,10 +155,10 @@ def test_export_refusals_and_broken_onnx(
 
 def test_parity_check_rejects_large_differences_and_nan() -> None:
     a = np.zeros((2, 2), dtype=np.float32)
-    assert lorakit.merge._check_close("graph", a + 5e-5, a) == pytest.approx(5e-5)
+    assert lorakit.export._check_close("graph", a + 5e-5, a) == pytest.approx(5e-5)
     for bad in (a + 2e-4, a * np.nan):
         with pytest.raises(LoraKitError, match="graph differs from the unmerged model"):
-            lorakit.merge._check_close("graph", bad, a)
+            lorakit.export._check_close("graph", bad, a)
 
 
 def _eval_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, float]:
