@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,12 +61,15 @@ def test_adapter_files_follow_peft_layout(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "lorakit.json",
     ]
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
     assert config["target_modules"] == ["dense", "key", "query", "value"]
-    assert config["modules_to_save"] == ["classifier"]
-    assert config["id2label"] == {"0": "negative", "1": "positive"} and config["num_labels"] == 2
+    assert config["modules_to_save"] == ["classifier"] and config["bias"] == "none"
+    assert set(config) <= set(peft.LoraConfig.__dataclass_fields__)  # PEFT's keys only
+    meta = json.loads((tmp_path / "a" / "lorakit.json").read_text())
+    assert meta["id2label"] == {"0": "negative", "1": "positive"} and meta["num_labels"] == 2
     keys = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
     assert "base_model.model.classifier.weight" in keys
     assert ("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight") in keys
@@ -88,27 +93,135 @@ def _save_base(tmp_path: Path, family: str = "bert") -> Path:
     return path
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_lorakit_adapter_loads_in_peft(tmp_path: Path, family: str) -> None:
+def _peft_logits(tmp_path: Path, family: str, adapter: Path) -> torch.Tensor:
+    """Logits of real PEFT loading ``adapter`` onto the saved base model, with no warning."""
     from transformers import AutoModelForSequenceClassification
 
     base_path = _save_base(tmp_path, family)
-    ours = _trained_lora_model(family)
-    save_adapter(ours, tmp_path / "a", base_model_name_or_path=str(base_path))
     base = AutoModelForSequenceClassification.from_pretrained(base_path)
-    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
-    torch.testing.assert_close(_logits(peft_model), _logits(ours), atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(Unexpected|upgrade).*")
+        peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
+    return _logits(peft_model)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_peft_adapter_loads_in_lorakit(tmp_path: Path, family: str) -> None:
+def test_lorakit_adapter_loads_in_peft(tmp_path: Path, family: str) -> None:
+    ours = _trained_lora_model(family)
+    save_adapter(ours, tmp_path / "a", task="sst2")
+    got = _peft_logits(tmp_path, family, tmp_path / "a")
+    torch.testing.assert_close(got, _logits(ours), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("bias", "modules_to_save"),
+    [("all", None), ("lora_only", None), ("none", ["pooler"]), ("all", ["pooler"])],
+)
+def test_trained_biases_and_modules_reach_peft(
+    tmp_path: Path, bias: str, modules_to_save: list[str] | None
+) -> None:
+    model = make_model("bert")
+    apply_lora_to_model(model, ["query", "value"], rank=4, alpha=8)
+    mark_only_lora_as_trainable(model, bias=bias, modules_to_save=modules_to_save)  # type: ignore[arg-type]
+    _perturb_trainable(model)
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["bias"] == bias
+    assert config["modules_to_save"] == ["classifier"] + (
+        ["bert.pooler"] if modules_to_save else []
+    )
+    saved = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {k.removeprefix("base_model.model.") for k in saved} == {
+        re.sub(r"\.adapters\.default\.(lora_[AB])$", r".\1.weight", n) for n in trained
+    }
+    torch.testing.assert_close(
+        _peft_logits(tmp_path, "bert", tmp_path / "a"), _logits(model.eval()), atol=1e-5, rtol=1e-5
+    )
+    dst = make_model("bert")
+    load_adapter(dst, tmp_path / "a")
+    torch.testing.assert_close(_logits(dst.eval()), _logits(model), atol=1e-6, rtol=1e-6)
+    assert {n for n, p in dst.named_parameters() if p.requires_grad} == trained
+
+
+def test_layers_of_other_ranks_and_alphas_round_trip(tmp_path: Path) -> None:
+    model = make_model("bert")
+    apply_lora_to_model(model, ["query", "value"], rank=4, alpha=8)
+    apply_lora_to_model(model, ["dense"], rank=2, alpha=3)
+    mark_only_lora_as_trainable(model)
+    _perturb_trainable(model)
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 3  # 6 dense layers outnumber 4
+    assert set(config["rank_pattern"].values()) == {4} and len(config["rank_pattern"]) == 4
+    assert set(config["alpha_pattern"].values()) == {8}
+    dst = make_model("bert")
+    load_adapter(dst, tmp_path / "a")
+    torch.testing.assert_close(_logits(dst.eval()), _logits(model.eval()), atol=1e-6, rtol=1e-6)
+    assert {layer.lora.rank for _, layer in lora_layers(dst)} == {2, 4}
+    torch.testing.assert_close(
+        _peft_logits(tmp_path, "bert", tmp_path / "a"), _logits(model), atol=1e-5, rtol=1e-5
+    )
+
+
+def _perturb_trainable(model: torch.nn.Module, seed: int = 7) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_save_refuses_trainable_tensors_it_cannot_hold(tmp_path: Path) -> None:
+    model = make_model("bert")
+    apply_lora_to_model(model, ["query", "value"], rank=4, alpha=8)
+    mark_only_lora_as_trainable(model)
+    model.bert.embeddings.LayerNorm.weight.requires_grad_(True)  # half a module
+    with pytest.raises(LoraKitError, match="LayerNorm.weight.*trainable"):
+        save_adapter(model, tmp_path / "a")
+    model.bert.embeddings.LayerNorm.weight.requires_grad_(False)
+    model.bert.pooler.dense.bias.requires_grad_(True)  # one bias: neither "all" nor "lora_only"
+    with pytest.raises(LoraKitError, match="biases are trainable"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_adapter_without_its_head_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_adapter(_trained_lora_model(), tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if "classifier" not in k}, str(path))
+    model = make_model("bert")
+    before = _snapshot(model)
+    with pytest.raises(LoraKitError, match=r"incomplete adapter.*classifier\.(weight|bias)"):
+        load_adapter(model, tmp_path / "a")
+    _assert_unchanged(model, before)
+
+
+def test_adapter_missing_a_bias_its_config_promises_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = make_model("bert")
+    apply_lora_to_model(model, ["query"], rank=4, alpha=8)
+    mark_only_lora_as_trainable(model, bias="all")
+    save_adapter(model, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if "LayerNorm" not in k}, str(path))
+    with pytest.raises(LoraKitError, match=r"incomplete adapter.*LayerNorm\.bias.*bias='all'"):
+        load_adapter(make_model("bert"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_peft_adapter_loads_in_lorakit(tmp_path: Path, family: str, bias: str) -> None:
     config = peft.LoraConfig(
         task_type="SEQ_CLS",
         r=4,
         lora_alpha=8,
         lora_dropout=0.0,
         target_modules=FAMILIES[family][1],
-        modules_to_save=["classifier" if family == "bert" else "score"],
+        bias=bias,
+        rank_pattern={FAMILIES[family][1][0]: 2},
+        alpha_pattern={FAMILIES[family][1][-1]: 5},
     )
     peft_model = peft.get_peft_model(make_model(family), config)
     g = torch.Generator().manual_seed(3)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import make_model
 
 from lorakit.cli import main
-from lorakit.config import load_config
+from lorakit.config import load_config, save_config
 from lorakit.errors import LoraKitError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -128,3 +129,135 @@ def test_flags_from_the_note_exist(capsys: pytest.CaptureFixture) -> None:
         "--resume",
     ):
         assert flag in text, flag
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("5e-4", 5e-4), ("1e-3", 1e-3), ("2E-5", 2e-5), (".5e-3", 5e-4), ("1.0e-3", 1e-3)],
+)
+def test_exponent_floats_are_numbers(tmp_path: Path, text: str, value: float) -> None:
+    # PyYAML's safe_load (YAML 1.1) reads all but the last two as strings.
+    path = tmp_path / "c.yaml"
+    path.write_text(f"training:\n  learning_rate: {text}\n  weight_decay: {text}\n")
+    t = load_config(path).training
+    assert t.learning_rate == value and t.weight_decay == value
+    assert isinstance(t.learning_rate, float)
+
+
+def test_yaml_stays_safe(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  output_dir: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(LoraKitError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        {
+            "training.learning_rate": 5e-4,
+            "training.weight_decay": 1e-20,
+            "training.output_dir": "1e5",  # a string our loader would read as a float unquoted
+            "training.hub_model_id": "2E-5",
+            "lora.target_modules": r".*\.(query|value)",
+            "data.text_columns": ["sentence1", "sentence2"],
+        },
+    )
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "expected"),
+    [
+        ("all-linear", "all-linear"),
+        ('".*\\\\.layer\\\\.0\\\\..*\\\\.(query|value)"', r".*\.layer\.0\..*\.(query|value)"),
+        ("[query, value]", ["query", "value"]),
+        ("query, value", ["query", "value"]),
+        ("query", ["query"]),
+    ],
+)
+def test_target_modules_from_yaml(tmp_path: Path, yaml_value: str, expected: object) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"lora:\n  target_modules: {yaml_value}\n")
+    assert load_config(path).lora.target_modules == expected
+
+
+def test_bad_target_regex_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text('lora:\n  target_modules: ".*(query"\n')
+    with pytest.raises(LoraKitError, match="lora.target_modules '.*\\(query' is not a valid regex"):
+        load_config(path)
+
+
+BERT_LINEAR = [  # every nn.Linear of the tiny BERT classifier but its head
+    *(
+        f"bert.encoder.layer.{i}.{leaf}"
+        for i in (0, 1)
+        for leaf in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        )
+    ),
+    "bert.pooler.dense",
+]
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        ("all-linear", BERT_LINEAR),
+        (
+            r".*\.layer\.0\..*\.(query|value)",
+            [
+                "bert.encoder.layer.0.attention.self.query",
+                "bert.encoder.layer.0.attention.self.value",
+            ],
+        ),
+        (
+            "key",
+            ["bert.encoder.layer.0.attention.self.key", "bert.encoder.layer.1.attention.self.key"],
+        ),
+    ],
+)
+def test_configured_targets_select_layers(
+    tmp_path: Path, targets: str, expected: list[str]
+) -> None:
+    """The config's target_modules wrap exactly these layers; the saved adapter says the same
+    to PEFT (a list of names, which PEFT matches exactly or by dotted suffix)."""
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from torch import nn
+
+    from lorakit import apply_lora_to_model, save_adapter
+    from lorakit.adapter import read_adapter_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"lora:\n  target_modules: '{targets}'\n")
+    config = load_config(path)
+    model = make_model("bert")
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    wrapped = apply_lora_to_model(model, config.lora.target_modules, rank=2)
+    assert sorted(wrapped) == sorted(expected)
+    saved = read_adapter_config(save_adapter(model, tmp_path / "a"))["target_modules"]
+    assert isinstance(saved, list)
+    peft_config = peft.LoraConfig(target_modules=saved)
+    assert sorted(n for n in linear if check_target_module_exists(peft_config, n)) == sorted(
+        expected
+    )
+
+
+def test_all_linear_covers_gpt2_conv1d_but_not_the_head() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from lorakit import apply_lora_to_model
+
+    model = make_model("gpt2")
+    conv = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    wrapped = apply_lora_to_model(model, "all-linear", rank=2)
+    assert len(conv) == 8 and sorted(wrapped) == sorted(conv)  # c_attn, c_proj, c_fc, mlp.c_proj
+    assert "score" not in wrapped

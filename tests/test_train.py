@@ -11,6 +11,7 @@ import torch
 from conftest import save_tiny_model_dir, write_sentiment_rows
 from safetensors.torch import load_file
 
+from lorakit.adapter import read_adapter_config
 from lorakit.cli import main
 from lorakit.train import OUTPUTS, Loop
 
@@ -64,6 +65,7 @@ def test_train_writes_the_promised_files_and_learns(env: dict[str, Path], tmp_pa
         assert sorted(p.name for p in (out / d).iterdir()) == [
             "adapter_config.json",
             "adapter_model.safetensors",
+            "lorakit.json",
         ]
     train = _records(out, "train")
     assert train[-1]["loss"] < train[0]["loss"]
@@ -86,7 +88,7 @@ def test_train_writes_the_promised_files_and_learns(env: dict[str, Path], tmp_pa
     config = (out / "config.yaml").read_text()
     assert "rank: 4" in config and "learning_rate: 0.01" in config
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
-    adapter = json.loads((out / "best" / "adapter_config.json").read_text())
+    adapter = read_adapter_config(out / "best")
     assert adapter["id2label"] == {"0": "negative", "1": "positive"} and adapter["task"] == "sst2"
 
 
@@ -123,6 +125,53 @@ def test_ctrl_c_then_resume_reproduces_uninterrupted_run(
     assert [r["loss"] for r in _records(full, "train")] == pytest.approx(
         [r["loss"] for r in _records(split, "train")], abs=1e-5
     )
+
+
+def test_resume_refuses_settings_that_change_the_run(
+    env: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        assert main(_args(env, out)) == 130
+    before = (out / "checkpoint" / "trainer_state.json").read_text()
+    capsys.readouterr()
+    resume = ["train", "--resume", "--output_dir", str(out)]
+    assert main([*resume, "--batch_size", "4", "--lora_r", "2", "--seed", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for change in ("training.batch_size 8 -> 4", "lora.rank 4 -> 2", "training.seed 42 -> 1"):
+        assert change in err
+    assert (out / "checkpoint" / "trainer_state.json").read_text() == before  # untouched
+    # Where files go and how progress is logged may change; the run then finishes.
+    assert main([*resume, "--logging_steps", "1"]) == 0
+
+
+def test_fp16_loss_scale_survives_resume(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        assert main(_args(env, out, "--precision", "fp16")) == 130
+    path = out / "checkpoint" / "optimizer.pt"
+    blob = torch.load(path, weights_only=True)
+    assert blob["scaler"]["scale"] > 0 and "cpu" in blob["rng"]
+    blob["scaler"]["scale"] = 1024.0  # as if overflows had lowered it: must come back as is
+    torch.save(blob, path)
+    seen = []
+    original = Loop._epochs
+
+    def record_scale(self: Loop) -> None:
+        seen.append(self.scaler.get_scale())
+        original(self)
+
+    monkeypatch.setattr(Loop, "_epochs", record_scale)
+    assert main(["train", "--resume", "--output_dir", str(out)]) == 0
+    assert seen == [1024.0]
 
 
 def test_output_dir_guard(
@@ -172,7 +221,7 @@ def test_custom_csv_with_string_labels(env: dict[str, Path], tmp_path: Path) -> 
         ]
     )
     assert code == 0
-    adapter = json.loads((out / "best" / "adapter_config.json").read_text())
+    adapter = read_adapter_config(out / "best")
     assert adapter["id2label"] == {"0": "meh", "1": "neg", "2": "pos"}
     assert adapter["num_labels"] == 3 and adapter["text_columns"] == ["text"]
 
@@ -238,7 +287,7 @@ def test_push_to_hub_uploads_best_with_card(
     assert calls[1] == (
         "upload",
         "me/tiny-lora",
-        ["README.md", "adapter_config.json", "adapter_model.safetensors"],
+        ["README.md", "adapter_config.json", "adapter_model.safetensors", "lorakit.json"],
     )
     card = (out / "best" / "README.md").read_text()
     assert "PeftModel.from_pretrained" in card and "sst2" in card and "| accuracy |" in card
@@ -278,12 +327,61 @@ def test_gradient_checkpointing_same_result(env: dict[str, Path], tmp_path: Path
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_runs_and_keeps_fp32_adapter(
-    env: dict[str, Path], tmp_path: Path, precision: str
+def _saved_activation_numel(checkpointing: bool, env: dict[str, Path]) -> int:
+    """Elements autograd keeps for backward during one training forward of build_model's model."""
+    from lorakit.config import load_config
+    from lorakit.train import build_model
+
+    config = load_config(
+        None,
+        {"model_name": str(env["model"]), "training.gradient_checkpointing": checkpointing},
+    )
+    model = build_model(config, ("negative", "positive"), torch.device("cpu")).train()
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel()
+        return t
+
+    ids = torch.randint(5, 17, (4, 24))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    return saved[0]
+
+
+def test_gradient_checkpointing_keeps_fewer_activations(env: dict[str, Path]) -> None:
+    plain, checkpointed = (_saved_activation_numel(c, env) for c in (False, True))
+    # The recomputed layers save their activations only during backward's recompute, one
+    # layer at a time; the forward pass keeps just each layer's input.
+    assert checkpointed < 0.75 * plain, (checkpointed, plain)
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_low_precision_reaches_the_matmuls_and_keeps_fp32_adapter(
+    env: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    precision: str,
+    dtype: torch.dtype,
 ) -> None:
+    import lorakit.train
+
+    seen: set[torch.dtype] = set()
+    original = lorakit.train.build_model
+
+    def build_and_watch(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = original(*args, **kwargs)  # type: ignore[arg-type]
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                module.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        return model
+
+    monkeypatch.setattr(lorakit.train, "build_model", build_and_watch)
     out = tmp_path / precision
     assert main(_args(env, out, "--num_epochs", "1", "--precision", precision)) == 0
+    assert dtype in seen  # autocast reached the frozen matmuls
     assert all(t.dtype == torch.float32 for t in _final_tensors(out).values())
     assert all(r["loss"] == r["loss"] for r in _records(out, "train"))  # no NaN
 

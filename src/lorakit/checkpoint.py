@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lorakit.adapter import load_adapter, save_adapter
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, recover
 from lorakit.errors import LoraKitError
 
 STATE_NAME = "trainer_state.json"
@@ -42,38 +42,107 @@ class LoopState:
     steady_examples: int = 0
 
 
+@dataclass
+class Optimization:
+    """The objects a training step changes and a checkpoint must restore."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random generator a step draws from: the CPU's, and each CUDA device's."""
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint(
-    directory: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: LoopState,
-    rng_state: torch.Tensor,
-    base_model: str,
+    directory: Path, opt: Optimization, state: LoopState, rng: dict[str, Any], base_model: str
 ) -> None:
+    """Write the checkpoint atomically: adapter, optimizer, scheduler, scaler, RNG, position."""
     with atomic_dir(directory) as tmp:
-        save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model)
+        save_adapter(opt.model, tmp / "adapter", base_model_name_or_path=base_model)
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state,
+                "optimizer": opt.optimizer.state_dict(),
+                "scheduler": opt.scheduler.state_dict(),
+                "scaler": opt.scaler.state_dict(),
+                "rng": rng,
             },
             tmp / TENSORS_NAME,
         )
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=1))
 
 
-def load_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[LoopState, torch.Tensor]:
-    """Restore model, optimizer and scheduler in place; return the loop state and RNG state."""
+def load_checkpoint(directory: Path, opt: Optimization) -> tuple[LoopState, dict[str, Any]]:
+    """Restore ``opt``'s objects in place; return the loop state and the RNG states."""
+    recover(directory)  # a crash mid-swap left the previous checkpoint aside: put it back
     if not (directory / STATE_NAME).is_file():
         raise LoraKitError(f"nothing to resume: {directory} holds no checkpoint")
-    load_adapter(model, directory / "adapter")
+    load_adapter(opt.model, directory / "adapter")
     # weights_only: plain tensors and containers, no arbitrary pickled objects.
     blob = torch.load(directory / TENSORS_NAME, weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+    opt.optimizer.load_state_dict(blob["optimizer"])
+    opt.scheduler.load_state_dict(blob["scheduler"])
+    if blob.get("scaler"):
+        opt.scaler.load_state_dict(blob["scaler"])
     state = LoopState(**json.loads((directory / STATE_NAME).read_text()))
-    return state, blob["rng"]
+    rng = blob["rng"] if isinstance(blob["rng"], dict) else {"cpu": blob["rng"]}
+    return state, rng
+
+
+# Settings that may change on --resume: where files go and how the run is watched or run,
+# never what it computes.
+RESUMABLE = {
+    "training.output_dir",
+    "training.overwrite",
+    "training.resume",
+    "training.push_to_hub",
+    "training.hub_model_id",
+    "training.hub_private",
+    "training.device",
+    "training.logging_steps",
+    "training.gradient_checkpointing",
+    "training.eval_batch_size",
+}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to resume with settings that would make it another run (``LoraKitError``).
+
+    Args:
+        saved: the run's own resolved configuration (its config.yaml), as a dict.
+        config: the configuration asked for now, as a dict.
+    """
+    before, now = _flatten(saved), _flatten(config)
+    changed = [
+        f"{key} {before[key]!r} -> {now[key]!r}"
+        for key in sorted(set(before) & set(now))  # a key newer than the run: its default
+        if key not in RESUMABLE and before[key] != now[key]
+    ]
+    if changed:
+        raise LoraKitError(
+            "--resume continues the same run, but these settings differ from its config.yaml: "
+            + "; ".join(changed)
+            + ". Start a new run (another --output_dir, or --overwrite) to change them"
+        )

@@ -8,6 +8,7 @@ Every field is also a command-line flag (``--rank``, ``--learning_rate``, ...); 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,30 @@ from typing import Any, Literal
 
 import yaml
 
+from lorakit.atomic import write_text
 from lorakit.errors import LoraKitError
+
+# YAML 1.1 (PyYAML) reads `5e-4`, `1e-3`, `1.0e3` as strings: it wants a dot and a signed
+# exponent. YAML 1.2 reads them as floats; so do our loader and, so that strings like these
+# are quoted when saved, our dumper. Both stay "safe" (plain data only).
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 exponent floats such as ``5e-4``."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes strings ``YamlLoader`` would read as floats."""
+
+
+for _cls in (YamlLoader, YamlDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+
+
+TargetModules = list[str] | str  # layer names; or one regex, or "all-linear" (as in PEFT)
+ALL_LINEAR = "all-linear"  # = lorakit.inject.ALL_LINEAR (not imported: inject loads torch)
+REGEX_CHARS = frozenset(".^$*+?{}[]\\|()")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -27,8 +51,9 @@ class LoraSettings:
     rank: int = _help("LoRA rank r", default=8)
     alpha: float = _help("LoRA scaling alpha (update is scaled by alpha/rank)", default=16.0)
     dropout: float = _help("dropout on the LoRA branch input", default=0.05)
-    target_modules: list[str] = _help(
-        "layer names (exact or dotted suffix) to wrap with LoRA",
+    target_modules: TargetModules = _help(
+        "layers to wrap with LoRA: names (exact or dotted suffix), one regex (full match on "
+        "the dotted name), or all-linear (every linear layer but the task head)",
         default_factory=lambda: ["query", "key", "value", "dense"],
     )
 
@@ -43,6 +68,7 @@ class LoraSettings:
 class TrainingSettings:
     num_epochs: int = _help("number of passes over the training data", default=3)
     batch_size: int = _help("examples per optimizer step (before accumulation)", default=16)
+    eval_batch_size: int = _help("examples per evaluation forward pass", default=64)
     learning_rate: float = _help("peak AdamW learning rate", default=3e-4)
     max_length: int = _help("tokens per example; longer inputs are truncated", default=128)
     warmup_ratio: float = _help("fraction of steps of linear warmup", default=0.1)
@@ -72,7 +98,13 @@ class TrainingSettings:
         _require(
             self.num_epochs > 0, f"training.num_epochs must be positive, got {self.num_epochs}"
         )
-        for name in ("batch_size", "max_length", "gradient_accumulation_steps", "logging_steps"):
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "max_length",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
             value = getattr(self, name)
             _require(value > 0, f"training.{name} must be positive, got {value}")
         _require(self.learning_rate > 0, "training.learning_rate must be positive")
@@ -122,8 +154,17 @@ class Config:
 
 
 SECTIONS = {"lora": LoraSettings, "training": TrainingSettings, "data": DataSettings}
-# Short command-line names for a few fields.
-ALIASES = {"model": ("", "model_name"), "task": ("data", "subset")}
+# More command-line names for a few fields: short ones, and Hugging Face Trainer/PEFT spellings.
+ALIASES = {
+    "model_name": ("model",),
+    "data.subset": ("task",),
+    "training.num_epochs": ("num_train_epochs",),
+    "training.batch_size": ("per_device_train_batch_size",),
+    "training.eval_batch_size": ("per_device_eval_batch_size",),
+    "lora.rank": ("lora_r",),
+    "lora.alpha": ("lora_alpha",),
+    "lora.dropout": ("lora_dropout",),
+}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -136,6 +177,8 @@ KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    if tp == TargetModules:
+        return _targets(value, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -154,6 +197,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if not ok:
         raise LoraKitError(f"{where} must be {KIND_NAMES[tp]}, got {value!r}")
     return value
+
+
+def _targets(value: Any, where: str) -> TargetModules:
+    """``all-linear`` or a string with regex characters stays one string; other strings are
+    names separated by commas or spaces (a full-match regex without such characters could
+    only match a top-level module of that exact name)."""
+    if isinstance(value, str) and (value == ALL_LINEAR or not REGEX_CHARS.isdisjoint(value)):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise LoraKitError(f"{where} {value!r} is not a valid regex: {e}") from None
+        return value
+    names: list[str] = _coerce(value, list[str], where)
+    return names
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -183,7 +240,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise LoraKitError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {}
         except yaml.YAMLError as e:
             raise LoraKitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
@@ -201,21 +258,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    text = yaml.dump(config.to_dict(), Dumper=YamlDumper, sort_keys=False)
+    write_text(path, text)
 
 
-def flag_table() -> dict[str, tuple[str, Any, str]]:
-    """``flag name -> (dotted config key, type, help)`` for every field, plus the aliases."""
-    table: dict[str, tuple[str, Any, str]] = {}
+def flag_table() -> dict[str, tuple[tuple[str, ...], Any, str]]:
+    """``dotted config key -> (flag names, type, help)``: the field's name, then its aliases."""
+    table: dict[str, tuple[tuple[str, ...], Any, str]] = {}
     top = _hints(Config)
     for f in fields(Config):
         if f.name not in SECTIONS:
-            table[f.name] = (f.name, top[f.name], f.metadata["help"])
+            names = (f.name, *ALIASES.get(f.name, ()))
+            table[f.name] = (names, top[f.name], f.metadata["help"])
     for section, cls in SECTIONS.items():
         hints = _hints(cls)
         for f in fields(cls):
-            table[f.name] = (f"{section}.{f.name}", hints[f.name], f.metadata["help"])
-    for alias, (section, key) in ALIASES.items():
-        dotted = f"{section}.{key}" if section else key
-        table[alias] = (dotted, table[key][1], f"same as --{key}")
+            dotted = f"{section}.{f.name}"
+            names = (f.name, *ALIASES.get(dotted, ()))
+            table[dotted] = (names, hints[f.name], f.metadata["help"])
     return table

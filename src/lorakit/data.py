@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from lorakit.config import DataSettings
 from lorakit.errors import LoraKitError
 
 Metric = Literal["accuracy", "f1", "matthews"]
+DEFAULT_MAX_LENGTH = 128  # tokens per text when an adapter does not say
 
 
 @dataclass(frozen=True)
@@ -199,23 +200,43 @@ class Encoded:
     labels: np.ndarray
     lengths: np.ndarray
     pad_id: int
+    truncated: np.ndarray  # bool per example: cut at max_length
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def encode(examples: Examples, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
-    columns = list(zip(*examples.texts, strict=True))
+def encode_texts(
+    rows: Sequence[tuple[str, ...]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    labels: Sequence[int] | None = None,
+    pad_id: int | None = None,
+) -> Encoded:
+    """Token ids of one or two texts per row, cut at ``max_length``; notes which were cut."""
+    columns = list(zip(*rows, strict=True))
     out = tokenizer(*columns, truncation=True, max_length=max_length)
     ids = [np.asarray(x, dtype=np.int64) for x in out["input_ids"]]
+    if out.encodings is not None:  # fast tokenizers keep what truncation cut off
+        truncated = [bool(e.overflowing) for e in out.encodings]
+    else:
+        truncated = [len(f) > max_length for f in tokenizer(*columns)["input_ids"]]
     types = out.get("token_type_ids")
+    if pad_id is None:
+        pad_id = int(tokenizer.pad_token_id or 0)
     return Encoded(
         input_ids=ids,
         token_type_ids=[np.asarray(t, dtype=np.int64) for t in types] if types else None,
-        labels=np.asarray(examples.labels, dtype=np.int64),
+        labels=np.asarray(labels if labels is not None else [0] * len(ids), dtype=np.int64),
         lengths=np.asarray([len(x) for x in ids]),
-        pad_id=int(tokenizer.pad_token_id or 0),
+        pad_id=pad_id,
+        truncated=np.asarray(truncated, dtype=bool),
     )
+
+
+def encode(examples: Examples, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    """``encode_texts`` of the examples' texts, with their labels."""
+    return encode_texts(examples.texts, tokenizer, max_length, examples.labels)
 
 
 def batch_order(
@@ -268,3 +289,11 @@ def collate(data: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
     if types is not None:
         batch["token_type_ids"] = torch.from_numpy(types)
     return batch
+
+
+def adapter_text_columns(config: dict[str, Any]) -> tuple[str, ...]:
+    """The text columns the adapter's task reads: its GLUE task's, else saved ones, else one."""
+    task = config.get("task")
+    if task in GLUE_TASKS:
+        return GLUE_TASKS[task].text_columns
+    return tuple(config.get("text_columns") or ("sentence",))

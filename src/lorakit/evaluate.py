@@ -1,4 +1,4 @@
-"""Evaluation: loss, accuracy, F1 and Matthews correlation over length-sorted batches."""
+"""Evaluation: loss, accuracy, F1 and Matthews correlation of a model, adapter or ONNX graph."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.data import Encoded, collate, eval_order
-from lorakit.runtime import autocast
+from lorakit.batches import run_logits, torch_logits_fn
+from lorakit.data import Encoded
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -28,7 +28,6 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, f
     return metrics
 
 
-@torch.no_grad()
 def predict_logits(
     model: nn.Module,
     data: Encoded,
@@ -39,16 +38,10 @@ def predict_logits(
     """Logits (float32, in the original example order) for every example."""
     was_training = model.training
     model.eval()
-    num_labels = int(model.config.num_labels)  # type: ignore[union-attr, arg-type]
-    out = np.zeros((len(data), num_labels), dtype=np.float32)
-    with autocast(device, amp_dtype):
-        for idx in eval_order(data.lengths, batch_size):
-            batch = collate(data, idx)
-            batch.pop("labels")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            out[idx] = logits.float().cpu().numpy()
-    model.train(was_training)
-    return out
+    try:
+        return run_logits(data, torch_logits_fn(model, device, amp_dtype), batch_size)
+    finally:
+        model.train(was_training)
 
 
 def evaluate(
@@ -86,9 +79,11 @@ def evaluate_adapter(
     from lorakit.adapter import read_adapter_config
     from lorakit.config import load_config
     from lorakit.data import encode, load_examples
+    from lorakit.hub import resolve_adapter
     from lorakit.models import load_adapted_model
     from lorakit.runtime import amp_dtype, pick_device
 
+    adapter_dir = resolve_adapter(adapter_dir)  # a directory, or a Hub id fetched to the cache
     overrides = _task_overrides(read_adapter_config(adapter_dir), overrides)
     config = load_config(None, overrides)
     t = config.training
@@ -100,7 +95,7 @@ def evaluate_adapter(
     labels = [id2label[i] for i in sorted(id2label)]
     examples = load_examples(config.data, split, labels).head(t.max_eval_samples)
     data = encode(examples, tokenizer, t.max_length)
-    metrics = evaluate(model, data, max(64, t.batch_size), device, amp_dtype(t.precision, device))
+    metrics = evaluate(model, data, t.eval_batch_size, device, amp_dtype(t.precision, device))
     return {"examples": len(data), **metrics}
 
 
@@ -121,9 +116,5 @@ def evaluate_onnx(
     t = config.training
     examples = load_examples(config.data, split, predictor.labels).head(t.max_eval_samples)
     data = encode(examples, predictor.tokenizer, predictor.max_length)
-    logits = np.zeros((len(data), len(predictor.id2label)), dtype=np.float32)
-    for idx in eval_order(data.lengths, max(64, t.batch_size)):
-        batch = collate(data, idx)
-        batch.pop("labels")
-        logits[idx] = predictor.logits_fn({k: v.numpy() for k, v in batch.items()})
+    logits = run_logits(data, predictor.logits_fn, t.eval_batch_size)
     return {"examples": len(data), **logits_metrics(logits, data.labels)}

@@ -27,8 +27,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from lorakit.atomic import atomic_dir, recover, replace_dir
+from lorakit.data import DEFAULT_MAX_LENGTH, adapter_text_columns, collate, encode_texts
 from lorakit.errors import LoraKitError
-from lorakit.predict import DEFAULT_MAX_LENGTH, DEMO_SENTENCES, adapter_text_columns
+from lorakit.paths import check_writable
 
 TOLERANCE = 1e-4  # largest |logit difference| accepted between the output and the unmerged model
 
@@ -50,18 +51,26 @@ def _check_out(out: Path, overwrite: bool, kind: Literal["dir", "file"]) -> None
         raise LoraKitError(f"{out} is a file; give a directory for the merged model")
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise LoraKitError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_writable(out, kind)
 
 
 def _sample_inputs(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
 ) -> dict[str, torch.Tensor]:
-    return dict(
-        tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    """A padded batch of ``texts``, as evaluation and prediction build theirs."""
+    batch = collate(
+        encode_texts([(t,) for t in texts], tokenizer, max_length), np.arange(len(texts))
     )
+    del batch["labels"]
+    return batch
 
 
 # Checked on texts of very different lengths, so padding and the attention mask are exercised.
-CHECK_TEXTS = ["Fine.", DEMO_SENTENCES[1], DEMO_SENTENCES[4]]
+CHECK_TEXTS = [
+    "Fine.",
+    "The plot is dull and the acting is even worse.",
+    "The visuals are stunning, but the story falls completely flat.",
+]
 TRACE_TEXTS = ["Fine.", "Not good."]  # other shapes than CHECK_TEXTS: proves the axes dynamic
 
 

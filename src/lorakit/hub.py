@@ -1,11 +1,99 @@
-"""Sharing an adapter on the Hugging Face Hub, with a generated model card."""
+"""Adapters on the Hugging Face Hub: fetching one by id, sharing one with a generated card."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+from lorakit.atomic import write_text
 from lorakit.errors import LoraKitError
+
+ADAPTER_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "lorakit.json",  # labels and task: PEFT has no key for them
+    "README.md",
+]
+
+
+def resolve_adapter(name: str | Path) -> Path:
+    """The local directory of an adapter given as a directory or as a Hub id (``owner/name``).
+
+    A Hub id is fetched into the Hugging Face cache (the adapter files only); the cached copy
+    is used when HF_HUB_OFFLINE is set or the Hub is unreachable. Anything that is not a
+    Hub id comes back as a path, for ``read_adapter_config`` to judge.
+    """
+    from huggingface_hub import snapshot_download
+
+    repo_id = str(name)
+    if Path(name).exists() or not _looks_like_repo_id(repo_id):
+        return Path(name)
+    online = not hub_offline() and hub_reachable()
+    try:
+        folder = snapshot_download(
+            repo_id, allow_patterns=ADAPTER_FILES, local_files_only=not online
+        )
+    except Exception as e:  # noqa: BLE001 - network, auth, HTTP and cache errors all end here
+        raise LoraKitError(_fetch_error(repo_id, e, online)) from None
+    if not (Path(folder) / ADAPTER_FILES[0]).is_file():
+        raise LoraKitError(f"Hub repository {repo_id} holds no {ADAPTER_FILES[0]}: not an adapter")
+    return Path(folder)
+
+
+def in_hub_cache(name: str, filename: str) -> bool:
+    """True when the Hugging Face cache holds ``filename`` of the repository ``name``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, filename), str)
+    except Exception:  # noqa: BLE001 - a malformed id is just "not cached"
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the Hub endpoint (the Hub client itself retries for ~30 s)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: only the cache may be read."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _fetch_error(repo_id: str, e: Exception, online: bool) -> str:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    local = f"adapter {repo_id!r} is neither a local directory"
+    if hub_offline():
+        return f"{local} nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+    if not online:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        return (
+            f"{local} nor cached, and the Hugging Face Hub ({endpoint}) could not be reached "
+            "to download it; check the network (or HF_ENDPOINT) or give an adapter directory"
+        )
+    if isinstance(e, (RepositoryNotFoundError, GatedRepoError)):
+        return f"{local} nor a repository on the Hub you can read (private? `hf auth login`)"
+    first = (str(e).splitlines() or [""])[0]
+    return f"downloading adapter {repo_id!r} from the Hub failed ({type(e).__name__}): {first}"
 
 
 def model_card(adapter_config: dict[str, Any], summary: dict[str, Any], repo_id: str) -> str:
@@ -68,7 +156,7 @@ def push_adapter(adapter_dir: Path, repo_id: str, private: bool, card: str, api:
     """Create the repository (if needed) and upload the adapter and its card; return the URL."""
     from huggingface_hub import HfApi
 
-    (adapter_dir / "README.md").write_text(card, encoding="utf-8")
+    write_text(adapter_dir / "README.md", card)
     api = api or HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

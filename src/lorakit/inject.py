@@ -13,6 +13,8 @@ from lorakit.lora import LinearWithLoRA
 
 # Task heads, trained in full and saved with the adapter (RoBERTa's is `classifier` too).
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
+# PEFT's shorthand for every linear layer (nn.Linear, GPT-2's Conv1D) except the task head.
+ALL_LINEAR = "all-linear"
 
 Targets = str | Sequence[str]
 
@@ -37,6 +39,8 @@ def in_head(name: str, heads: Sequence[str]) -> bool:
 def find_target_modules(model: nn.Module, target_modules: Targets) -> list[str]:
     """Names of the linear layers (outside the task head) that ``target_modules`` selects.
 
+    ``target_modules`` is a list of names, a full-match regex or ``all-linear`` (all of them).
+
     Raises:
         LoraKitError: nothing matched; the message lists the model's linear layer names.
     """
@@ -47,7 +51,7 @@ def find_target_modules(model: nn.Module, target_modules: Targets) -> list[str]:
             continue
         if isinstance(module, (nn.Linear, Conv1D, LinearWithLoRA)):
             linear_names.append(name)
-            if matches_target(name, target_modules):
+            if target_modules == ALL_LINEAR or matches_target(name, target_modules):
                 hits.append(name)
     if not hits:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
+import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -17,6 +15,7 @@ from transformers import (
 )
 
 from lorakit.errors import LoraKitError
+from lorakit.hub import hub_offline, hub_reachable, in_hub_cache
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +47,9 @@ def resolve_model(name: str) -> str:
         return name
     if Path(name).exists() or name.startswith((".", "/")):
         raise LoraKitError(f"model directory {name} does not exist")
-    if _in_hub_cache(name):
+    if in_hub_cache(name, "config.json"):
         return name
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if hub_offline():
         raise LoraKitError(
             f"model {name!r} is not cached and HF_HUB_OFFLINE is set; {OFFLINE_CHOICES}"
         )
@@ -59,25 +58,6 @@ def resolve_model(name: str) -> str:
             f"model {name!r} is not cached and the Hub is unreachable; {OFFLINE_CHOICES}"
         )
     return name
-
-
-def _in_hub_cache(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # noqa: BLE001 - a malformed id is just "not cached"
-        return False
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connection to the Hub endpoint (the Hub client itself retries for ~30 s)."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -100,26 +80,43 @@ def load_model(
     id2label: dict[int, str],
     dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """A sequence classifier on ``name`` with a fresh head for ``id2label``'s classes."""
+    """A sequence classifier on ``name`` with a fresh head for ``id2label``'s classes.
+
+    Only the task head may be missing from (or shaped otherwise in) the checkpoint; any
+    other weight that transformers would initialise at random is a ``LoraKitError``.
+    """
+    from lorakit.inject import find_heads, in_head
+
     path = resolve_model(name)
-    # from_pretrained logs the freshly initialised head as "missing"; expected here.
+    # from_pretrained logs the freshly initialised head as "missing"; checked below instead.
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # its weight-loading bar would be carriage returns in a log
+        hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(id2label),
             id2label=id2label,
             label2id={v: k for k, v in id2label.items()},
             dtype=dtype,
             ignore_mismatched_sizes=True,  # a checkpoint's own head may have other classes
+            output_loading_info=True,
         )
     except (OSError, ValueError) as e:
         raise LoraKitError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    heads = find_heads(model)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+    for key in [*info["missing_keys"], *mismatched]:
+        if not in_head(key, heads):
+            raise LoraKitError(
+                f"model {name!r} is incomplete: its checkpoint has no usable {key!r} "
+                "(only the task head may be new)"
+            )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -132,10 +129,13 @@ def load_adapted_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Base model + adapter (+ its head and label maps), with the base model's tokenizer.
 
-    ``model_name`` defaults to the adapter's ``base_model_name_or_path``.
+    ``adapter_dir`` may also be a Hub id (``owner/name``); ``model_name`` defaults to the
+    adapter's ``base_model_name_or_path``.
     """
     from lorakit.adapter import load_adapter, read_adapter_config
+    from lorakit.hub import resolve_adapter
 
+    adapter_dir = resolve_adapter(adapter_dir)
     config = read_adapter_config(adapter_dir)
     name = model_name or config.get("base_model_name_or_path")
     if not name:

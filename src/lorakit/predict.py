@@ -19,13 +19,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lorakit.data import GLUE_TASKS, Encoded, collate, eval_order
+from lorakit.batches import LogitsFn, run_logits, torch_logits_fn
+from lorakit.data import DEFAULT_MAX_LENGTH, adapter_text_columns, encode_texts
 from lorakit.errors import LoraKitError
-from lorakit.runtime import autocast
 
 Text = str | tuple[str, ...]  # one text, or a sentence pair for pair tasks
-LogitsFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 (batch, seq) -> (batch, labels)
-DEFAULT_MAX_LENGTH = 128
 
 DEMO_SENTENCES = (
     "A gorgeous, witty, seductive movie.",
@@ -193,14 +191,8 @@ class Predictor:
         rows = [self.check(t) for t in texts]
         if not rows:
             return []
-        data, truncated = self._encode(rows)
-        logits = np.zeros((len(rows), len(self.id2label)), dtype=np.float32)
-        for idx in eval_order(data.lengths, self.batch_size):
-            batch = collate(data, idx)
-            del batch["labels"]
-            logits[idx] = self.logits_fn({k: v.numpy() for k, v in batch.items()})
-            if on_batch is not None:
-                on_batch(len(idx))
+        data = encode_texts(rows, self.tokenizer, self.max_length, pad_id=self.pad_id)
+        logits = run_logits(data, self.logits_fn, self.batch_size, on_batch)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)  # (n, labels)
         labels = self.labels
@@ -209,46 +201,7 @@ class Predictor:
                 label=labels[int(p.argmax())],
                 score=float(p.max()),
                 probs={name: float(v) for name, v in zip(labels, p, strict=True)},
-                truncated=cut,
+                truncated=bool(cut),
             )
-            for p, cut in zip(probs, truncated, strict=True)
+            for p, cut in zip(probs, data.truncated, strict=True)
         ]
-
-    def _encode(self, rows: list[tuple[str, ...]]) -> tuple[Encoded, list[bool]]:
-        columns = list(zip(*rows, strict=True))
-        out = self.tokenizer(*columns, truncation=True, max_length=self.max_length)
-        ids = [np.asarray(x, dtype=np.int64) for x in out["input_ids"]]
-        if out.encodings is not None:  # fast tokenizers keep what truncation cut off
-            truncated = [bool(e.overflowing) for e in out.encodings]
-        else:
-            full = self.tokenizer(*columns)["input_ids"]
-            truncated = [len(f) > self.max_length for f in full]
-        types = out.get("token_type_ids")
-        data = Encoded(
-            input_ids=ids,
-            token_type_ids=[np.asarray(t, dtype=np.int64) for t in types] if types else None,
-            labels=np.zeros(len(ids), dtype=np.int64),
-            lengths=np.asarray([len(x) for x in ids]),
-            pad_id=self.pad_id,
-        )
-        return data, truncated
-
-
-def torch_logits_fn(model: nn.Module, device: torch.device, amp: torch.dtype | None) -> LogitsFn:
-    """A backend running ``model`` on ``device`` (autocast to ``amp`` unless None)."""
-
-    @torch.inference_mode()
-    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
-        with autocast(device, amp):
-            return model(**inputs).logits.float().cpu().numpy()
-
-    return run
-
-
-def adapter_text_columns(config: dict[str, Any]) -> tuple[str, ...]:
-    """The text columns the adapter's task reads: its GLUE task's, else saved ones, else one."""
-    task = config.get("task")
-    if task in GLUE_TASKS:
-        return GLUE_TASKS[task].text_columns
-    return tuple(config.get("text_columns") or ("sentence",))

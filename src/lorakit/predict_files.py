@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from lorakit.atomic import atomic_file
 from lorakit.errors import LoraKitError
 from lorakit.predict import Predictor
+from lorakit.progress import progress as progress_bar
 
 SUFFIXES = (".txt", ".tsv", ".csv", ".jsonl")
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
@@ -169,14 +168,13 @@ def predict_file(
     """Predictions for the good rows of ``path`` (as jsonl records) and the skipped rows' problems.
 
     Each record holds ``line``, ``text`` (and ``text_pair``), ``label``, ``score``, ``probs``
-    and ``truncated``. ``progress`` shows a bar on stderr when it is a terminal.
+    and ``truncated``. ``progress`` shows a bar on stderr (a line every few seconds when stderr
+    is not a terminal).
     """
     if not path.is_file():
         raise LoraKitError(f"input file {path} does not exist")
     rows = read_texts(path, predictor.text_columns, columns)
-    with tqdm(
-        total=len(rows.texts), desc=path.name, unit="text", disable=None if progress else True
-    ) as bar:
+    with progress_bar(len(rows.texts), path.name, unit="text", disable=not progress) as bar:
         preds = predictor.predict(rows.texts, bar.update)
     records = []
     for line, texts, pred in zip(rows.lines, rows.texts, preds, strict=True):

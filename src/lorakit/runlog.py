@@ -8,6 +8,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lorakit.atomic import write_text
+
 
 class RunLog:
     """Prints lines (above any progress bar), appends them to the log file, writes metrics.jsonl."""
@@ -27,4 +29,4 @@ class RunLog:
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """On resume: keep only what the checkpoint knew, dropping lines logged after it."""
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))

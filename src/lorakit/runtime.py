@@ -1,4 +1,4 @@
-"""Device and precision choices: settings, never hard-coded."""
+"""Device and precision: picking the device, knowing whether bf16 is fast here, autocast."""
 
 from __future__ import annotations
 

@@ -4,39 +4,112 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from lorakit.errors import LoraKitError
-from lorakit.inject import find_heads, in_head, lora_layers, set_submodule
+from lorakit.inject import find_heads, in_head, lora_layers, matches_target, set_submodule
+
+Bias = Literal["none", "all", "lora_only"]
+
+
+def is_lora_param(name: str) -> bool:
+    """True for the tensors of a LoRA adapter (``...adapters.<name>.lora_A`` and the like)."""
+    return ".adapters." in f".{name}"
+
+
+def _is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+def find_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Modules called ``names`` (exact or dotted suffix, as PEFT's ``modules_to_save``)."""
+    return [n for n, _ in model.named_modules() if n and matches_target(n, list(names))]
 
 
 def mark_only_lora_as_trainable(
     model: nn.Module,
-    bias: Literal["none", "all", "lora_only"] = "none",
+    bias: Bias = "none",
     modules_to_save: Sequence[str] | None = None,
 ) -> None:
-    """Freeze everything except the LoRA tensors and the task head.
+    """Freeze everything except the LoRA tensors, the task head and ``modules_to_save``.
 
     Args:
         bias: also train every bias ("all") or the biases of LoRA-wrapped layers ("lora_only").
-        modules_to_save: head modules trained in full; auto-detected when None.
+        modules_to_save: more modules trained in full (exact or dotted-suffix names); the task
+            head is always trained.
     """
     if bias not in ("none", "all", "lora_only"):
         raise LoraKitError(f"bias must be 'none', 'all' or 'lora_only', not {bias!r}")
-    heads = find_heads(model) if modules_to_save is None else list(modules_to_save)
+    full = find_heads(model) + find_modules(model, modules_to_save or [])
     for name, param in model.named_parameters():
-        param.requires_grad_(".adapters." in f".{name}" or in_head(name, heads))
+        param.requires_grad_(is_lora_param(name) or in_head(name, full))
     if bias == "all":
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
+            if _is_bias(name):
                 param.requires_grad_(True)
     elif bias == "lora_only":
         for _, layer in lora_layers(model):
             if layer.base_layer.bias is not None:
                 layer.base_layer.bias.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What an adapter must hold besides LoRA, in PEFT's terms, read off ``requires_grad``."""
+
+    bias: Bias
+    modules_to_save: list[str]  # head names as found, other modules by full dotted name
+    params: list[str]  # every non-LoRA parameter the adapter holds
+
+
+def trainable_layout(model: nn.Module) -> Layout:
+    """The bias mode and modules that describe every trainable non-LoRA tensor of ``model``.
+
+    The task head is always part of it. A trainable tensor PEFT's format cannot describe
+    (part of a module, or a set of biases that is neither all of them nor the LoRA layers')
+    is a ``LoraKitError``: saving must never drop what was trained.
+    """
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad and not is_lora_param(n)}
+    modules = find_heads(model)
+    for name, module in model.named_modules():
+        if not name or in_head(name, modules):
+            continue
+        names = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        # A module trained in full (not one holding only biases: those are the bias mode's).
+        if names and not all(map(_is_bias, names)) and all(n in trainable for n in names):
+            modules.append(name)
+    covered = {n for n in params if in_head(n, modules)}
+    left = sorted(trainable - covered)
+    partial = [n for n in left if not _is_bias(n)]
+    if partial:
+        raise LoraKitError(
+            f"parameter {partial[0]!r} is trainable but its module is not trained in full, "
+            "which a PEFT adapter cannot hold: freeze it or train its whole module"
+        )
+    biases = set(left)
+    all_biases = {n for n in params if _is_bias(n) and n not in covered and not is_lora_param(n)}
+    lora_biases = {
+        f"{name}.base_layer.bias"
+        for name, layer in lora_layers(model)
+        if layer.base_layer.bias is not None
+    } - covered
+    bias: Bias = "none"
+    if biases and biases == lora_biases:
+        bias = "lora_only"
+    elif biases and biases == all_biases:
+        bias = "all"
+    elif biases:
+        raise LoraKitError(
+            f"{len(biases)} of the model's {len(all_biases)} biases are trainable (e.g. "
+            f"{sorted(biases)[0]!r}); a PEFT adapter holds all of them or those of the LoRA "
+            "layers only: use mark_only_lora_as_trainable(bias='all' or 'lora_only')"
+        )
+    return Layout(bias, modules, sorted(covered | biases, key=list(params).index))
 
 
 def count_lora_parameters(model: nn.Module) -> dict[str, float]:
@@ -101,15 +174,16 @@ def unwrap_lora(model: nn.Module) -> None:
 
 
 def get_lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
-    """LoRA tensors (``<module>.lora_A.weight`` / ``.lora_B.weight``) and the head's tensors."""
+    """Everything an adapter holds: LoRA tensors (``<module>.lora_A.weight`` / ``.lora_B.weight``),
+    the head, and every other trainable tensor (see ``trainable_layout``)."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
         lora = layer.adapter(adapter) if adapter else layer.lora
         state[f"{name}.lora_A.weight"] = lora.lora_A.detach()
         state[f"{name}.lora_B.weight"] = lora.lora_B.detach()
-    for head in find_heads(model):
-        for pname, param in model.get_submodule(head).named_parameters():
-            state[f"{head}.{pname}"] = param.detach()
+    params = dict(model.named_parameters())
+    for name in trainable_layout(model).params:
+        state[name] = params[name].detach()
     return state
 
 
@@ -126,9 +200,9 @@ def check_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
                 f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, "
                 f"the model expects {expected[key]}"
             )
-    missing = [k for k in expected if ".lora_" in k and k not in state]
+    missing = [k for k in expected if k not in state]
     if missing:
-        raise LoraKitError(f"adapter has no tensor for {missing[0]!r}")
+        raise LoraKitError(f"incomplete adapter: it has no tensor for {missing[0]!r}")
 
 
 @torch.no_grad()

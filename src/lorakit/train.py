@@ -13,23 +13,34 @@ import resource
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from lorakit.adapter import save_adapter
-from lorakit.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from lorakit.atomic import write_text
+from lorakit.checkpoint import (
+    LoopState,
+    Optimization,
+    capture_rng,
+    check_resume,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from lorakit.config import Config, save_config
 from lorakit.data import Encoded, Examples, batch_order, collate, encode, load_examples
 from lorakit.errors import LoraKitError
 from lorakit.evaluate import evaluate
 from lorakit.inject import apply_lora_to_model
 from lorakit.models import canonical_name, load_model, load_tokenizer
+from lorakit.paths import check_writable
 from lorakit.plots import plot_training_curves
+from lorakit.progress import Progress, progress
 from lorakit.runlog import RunLog
 from lorakit.runtime import amp_dtype, autocast, pick_device
 from lorakit.state import (
@@ -56,9 +67,13 @@ class Interrupted(Exception):
 
 
 def check_output_dir(config: Config) -> Path:
-    """Refuse a non-empty output_dir unless --overwrite or --resume (nothing is deleted here)."""
+    """Refuse a non-empty output_dir unless --overwrite or --resume (nothing is deleted here).
+
+    Also refuses, before any slow work, an output_dir that is a file or cannot be written.
+    """
     out = Path(config.training.output_dir)
     t = config.training
+    check_writable(out, "dir")
     if t.resume:
         if not (out / "checkpoint").is_dir():
             raise LoraKitError(f"--resume: {out}/checkpoint does not exist")
@@ -125,12 +140,26 @@ def build_optimizer(config: Config, model: torch.nn.Module, n_train: int) -> tup
 def train(config: Config) -> dict[str, Any]:
     """Fine-tune as ``config`` says and return the run summary (also written to summary.json)."""
     out, t = check_output_dir(config), config.training
+    if t.resume:
+        check_resume(_saved_config(out), config.to_dict())
     device = pick_device(t.device)
     dtype = amp_dtype(t.precision, device)
     seed_everything(t.seed)
     train_ex, train_data, eval_data = load_data(config, load_tokenizer(config.model_name))
     model = build_model(config, train_ex.label_names, device)
     optimizer, scheduler, total_steps = build_optimizer(config, model, len(train_data))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run = Run(
+        config,
+        out,
+        Optimization(model, optimizer, scheduler, scaler),
+        total_steps,
+        train_data,
+        eval_data,
+        device,
+        dtype,
+        train_ex,
+    )
     stats = count_lora_parameters(model)
     # Only now, with everything loaded, is an old run's output replaced.
     if not t.resume:
@@ -139,8 +168,8 @@ def train(config: Config) -> dict[str, Any]:
     log = RunLog(out / "training_log.txt", out / "metrics.jsonl")
     state = LoopState()
     if t.resume:
-        state, rng = load_checkpoint(out / "checkpoint", model, optimizer, scheduler)
-        torch.set_rng_state(rng)
+        state, rng = load_checkpoint(out / "checkpoint", run.opt)
+        restore_rng(rng)
         log.rewrite_metrics(state.history)
         log.line(f"↻ Resumed from checkpoint at epoch {state.epoch + 1}, step {state.global_step}")
     else:
@@ -152,33 +181,45 @@ def train(config: Config) -> dict[str, Any]:
             f"{len(eval_data):,} eval examples"
         )
         log.line(format_parameter_stats(stats))
-    loop = Loop(
-        config,
-        model,
-        optimizer,
-        scheduler,
-        train_data,
-        eval_data,
-        device,
-        dtype,
-        log,
-        state,
-        total_steps,
-        out,
-        train_ex.metric,
-        train_ex.text_columns,
-    )
+    loop = Loop(run, log, state)
     loop.run()
     loop.save_adapter(out / "final", loop.last_eval)
     plot_training_curves(state.history, out / "training_curves.png")
     summary = _summary(config, state, stats, loop.last_eval, train_ex.metric)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.line(
         f"✅ Done. Best eval {train_ex.metric} {state.best_metric:.4f} (epoch "
         f"{state.best_epoch}); {summary['train_examples_per_sec']:.1f} examples/s; "
         f"files in {out}"
     )
     return summary
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise LoraKitError(f"--resume: cannot read {out}/config.yaml: {e}") from None
+    if not isinstance(saved, dict):
+        raise LoraKitError(f"--resume: {out}/config.yaml is not a run configuration")
+    return saved
+
+
+@dataclass
+class Run:
+    """What one training run works on, built once by ``train``."""
+
+    config: Config
+    out: Path
+    opt: Optimization
+    total_steps: int
+    train_data: Encoded
+    eval_data: Encoded
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None for fp32
+    examples: Examples  # the training rows: metric, label names, text columns
 
 
 def _data_name(config: Config) -> str:
@@ -222,35 +263,19 @@ def _summary(
 class Loop:
     """One training run's loop state and steps; ``run`` goes until the end or an interrupt."""
 
-    def __init__(
-        self,
-        config: Config,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        train_data: Encoded,
-        eval_data: Encoded,
-        device: torch.device,
-        dtype: torch.dtype | None,
-        log: RunLog,
-        state: LoopState,
-        total_steps: int,
-        out: Path,
-        metric: str,
-        text_columns: tuple[str, ...],
-    ) -> None:
-        self.c, self.t = config, config.training
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.train_data, self.eval_data = train_data, eval_data
-        self.device, self.dtype, self.log, self.state = device, dtype, log, state
-        self.total_steps, self.out, self.metric = total_steps, out, metric
-        self.text_columns = text_columns
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    def __init__(self, run: Run, log: RunLog, state: LoopState) -> None:
+        self.job, self.log, self.state = run, log, state
+        self.c, self.t = run.config, run.config.training
+        self.model, self.optimizer = run.opt.model, run.opt.optimizer
+        self.scheduler, self.scaler = run.opt.scheduler, run.opt.scaler
+        self.train_data, self.eval_data = run.train_data, run.eval_data
+        self.device, self.dtype, self.out = run.device, run.dtype, run.out
+        self.metric, self.total_steps = run.examples.metric, run.total_steps
         self.stop_requested = False
         self.last_eval: dict[str, float] = state.best_eval
-        self.rng_at_step = torch.get_rng_state()
+        self.rng_at_step = capture_rng()
         # loss*n, correct, n of the steps since the last metrics line
-        self.sums = torch.tensor(state.window, device=device)
+        self.sums = torch.tensor(state.window, device=run.device)
         self.runtime_base, self.started = state.runtime_seconds, time.perf_counter()
 
     def _update_runtime(self) -> None:
@@ -299,12 +324,11 @@ class Loop:
     def _epoch(self, batches: list[np.ndarray]) -> None:
         s, t = self.state, self.t
         accum = t.gradient_accumulation_steps
-        bar = tqdm(
-            total=len(batches),
+        bar = progress(
+            len(batches),
+            f"Epoch {s.epoch + 1}/{t.num_epochs}",
             initial=s.batch_in_epoch,
             leave=False,
-            dynamic_ncols=True,
-            desc=f"Epoch {s.epoch + 1}/{t.num_epochs}",
         )
         window = [0.0, 0]  # seconds, examples since the last log line
         while s.batch_in_epoch < len(batches) and not self._done() and not self.stop_requested:
@@ -365,9 +389,9 @@ class Loop:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.rng_at_step = torch.get_rng_state()
+        self.rng_at_step = capture_rng()
 
-    def _log_train(self, window: list, epoch: float, bar: tqdm) -> None:
+    def _log_train(self, window: list, epoch: float, bar: Progress) -> None:
         loss_sum, correct, n = self.sums.tolist()
         seconds, examples = window
         record = {
@@ -390,7 +414,7 @@ class Loop:
     def _eval(self, epoch: float) -> None:
         s = self.state
         metrics = evaluate(
-            self.model, self.eval_data, max(64, 2 * self.t.batch_size), self.device, self.dtype
+            self.model, self.eval_data, self.t.eval_batch_size, self.device, self.dtype
         )
         self.model.train()
         record: dict[str, Any] = {"kind": "eval", "step": s.global_step, "epoch": epoch, **metrics}
@@ -426,7 +450,7 @@ class Loop:
             extra={
                 "metrics": metrics,
                 "max_length": self.t.max_length,
-                "text_columns": list(self.text_columns),
+                "text_columns": list(self.job.examples.text_columns),
             },
         )
 
@@ -435,9 +459,7 @@ class Loop:
         self.state.window = self.sums.tolist()
         save_checkpoint(
             self.out / "checkpoint",
-            self.model,
-            self.optimizer,
-            self.scheduler,
+            self.job.opt,
             self.state,
             self.rng_at_step,
             canonical_name(self.c.model_name),

@@ -1,4 +1,4 @@
-"""lorakit doctor."""
+"""``lorakit doctor``: prints the installation checks of ``lorakit.doctor``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lorakit eval."""
+"""``lorakit eval``: flags for an adapter or ONNX graph and its data; prints the metrics."""
 
 from __future__ import annotations
 
@@ -17,29 +17,40 @@ DATA_FLAGS = (
     "text_columns",
     "label_column",
     "max_length",
-    "batch_size",
+    "eval_batch_size",
     "max_eval_samples",
     "precision",
     "device",
     "model",
 )
+# What these flags mean here, where the training help would mislead.
+FLAG_HELP = {
+    "model": "base model (default: the adapter's)",
+    "task": "GLUE task (default: the adapter's)",
+    "max_length": "tokens per example; longer inputs are truncated (default: the adapter's)",
+    "max_eval_samples": "evaluate only the first N rows of the split (0 = all)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", type=Path, help="adapter directory")
+    source.add_argument("--adapter", type=Path, help="adapter directory or Hub id (owner/name)")
     source.add_argument("--onnx", type=Path, metavar="FILE", help="a graph lorakit export wrote")
     parser.add_argument("--split", choices=("validation", "train"), default="validation")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    add_config_flags(parser, only=DATA_FLAGS)
+    add_config_flags(
+        parser, DATA_FLAGS, FLAG_HELP, extra_names={"eval_batch_size": ("batch_size",)}
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LoraKitError
     from lorakit.evaluate import evaluate_adapter, evaluate_onnx
+    from lorakit.extras import require_extra
 
     overrides = config_overrides(args)
     if args.onnx:
+        require_extra("onnx", "--onnx")
         ignored = {"model_name", "training.precision", "training.device"} & set(overrides)
         if ignored:
             flags = ", ".join(f"--{k.split('.')[-1].replace('_name', '')}" for k in sorted(ignored))

@@ -1,9 +1,11 @@
-"""lorakit export."""
+"""``lorakit export``: flags for ``export_onnx``; prints where the checked graph went."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from lorakit.cli import add_bool_flag
 
 HELP = "export the merged model to ONNX (dynamic batch and sequence), checked with onnxruntime"
 EPILOG = """\
@@ -23,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument(
-        "--adapter", type=Path, required=True, metavar="DIR", help="adapter directory"
+        "--adapter",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="adapter directory or Hub id (owner/name)",
     )
     parser.add_argument(
         "--out", type=Path, required=True, metavar="FILE", help="the .onnx file to write"
@@ -36,10 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8: dynamic int8 weights, ~4x smaller and faster on CPU, not bit-exact "
         "(default: none)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_bool_flag(parser, "overwrite", "replace an existing --out", default=False)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.extras import require_extra
+
+    require_extra("onnx", "lorakit export")  # first: torch.onnx fails late and deep without it
     from transformers.utils import logging as hf_logging
 
     from lorakit.export import export_onnx, onnx_sidecar, onnx_tokenizer_dir

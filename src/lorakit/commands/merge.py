@@ -1,9 +1,11 @@
-"""lorakit merge."""
+"""``lorakit merge``: flags for ``merge_adapter``; prints where the merged model went."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from lorakit.cli import add_bool_flag
 
 HELP = "fold an adapter into its base model: a plain transformers directory, no lorakit needed"
 EPILOG = """\
@@ -16,11 +18,15 @@ against the unmerged model (logits within 1e-4) before it replaces anything at -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument(
-        "--adapter", type=Path, required=True, metavar="DIR", help="adapter directory"
+        "--adapter",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="adapter directory or Hub id (owner/name)",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write")
     parser.add_argument("--model", help="base model (default: the adapter's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_bool_flag(parser, "overwrite", "replace a non-empty --out", default=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""lorakit predict."""
+"""``lorakit predict``: the interactive, demo, text and file modes around a ``Predictor``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorakit.cli import add_bool_flag
 from lorakit.errors import LoraKitError
 
 if TYPE_CHECKING:
@@ -37,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--adapter", type=Path, metavar="DIR", help="adapter directory (lorakit or PEFT)"
+        "--adapter",
+        type=Path,
+        metavar="DIR",
+        help="adapter directory (lorakit or PEFT) or Hub id (owner/name)",
     )
     source.add_argument(
         "--onnx", type=Path, metavar="FILE", help="model.onnx written by lorakit export"
@@ -55,12 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--text_columns", nargs="+", metavar="COL", help="columns of --file holding the text"
     )
     parser.add_argument("--json", action="store_true", help="--mode text: print JSON")
-    parser.add_argument(
-        "--no-merge",
-        "--no_merge",
-        dest="merge",
-        action="store_false",
-        help="run LoRA unmerged, beside the base weights (default: merged, base-model speed)",
+    add_bool_flag(
+        parser,
+        "merge",
+        "fold LoRA into the base weights, base-model speed (default); --no_merge runs it "
+        "beside them",
+        default=True,
     )
     parser.add_argument("--model", help="base model (default: the adapter's)")
     parser.add_argument(
@@ -81,7 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from lorakit.extras import require_extra
+    from lorakit.paths import check_writable
+
     mode = _mode(args)
+    if args.onnx is not None:
+        require_extra("onnx", "--onnx")
+    if args.out is not None:
+        check_writable(args.out, "file")
     predictor = _predictor(args)
     console = Console(highlight=False)
     if mode == "interactive":
@@ -109,7 +120,7 @@ def _mode(args: argparse.Namespace) -> str:
     if args.out is not None and mode != "file":
         raise LoraKitError("--out is for --file predictions")
     if args.onnx is not None and not args.merge:
-        raise LoraKitError("--no-merge does not apply to --onnx (the graph is always merged)")
+        raise LoraKitError("--no_merge does not apply to --onnx (the graph is always merged)")
     if args.max_length is not None and args.max_length <= 0:
         raise LoraKitError(f"--max_length must be positive, got {args.max_length}")
     if args.batch_size <= 0:

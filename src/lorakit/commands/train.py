@@ -1,4 +1,4 @@
-"""lorakit train."""
+"""``lorakit train``: config file + flag overrides -> ``train``; optional push to the Hub."""
 
 from __future__ import annotations
 
