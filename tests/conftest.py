@@ -99,6 +99,12 @@ def make_batch(seed: int = 1, batch: int = 3, length: int = 7) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@pytest.fixture
+def peft():  # noqa: ANN201 - the module
+    """Hugging Face PEFT, the reference implementation; tests that take it skip without it."""
+    return pytest.importorskip("peft")
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -23,8 +23,6 @@ from lorakit import (
 )
 from lorakit.inject import lora_layers
 
-peft = pytest.importorskip("peft")
-
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
@@ -53,7 +51,7 @@ def test_round_trip_same_logits_and_keys(tmp_path: Path, family: str) -> None:
     assert config["task"] == "sst2" and config["r"] == 4 and config["lora_alpha"] == 8
 
 
-def test_adapter_files_follow_peft_layout(tmp_path: Path) -> None:
+def test_adapter_files_follow_peft_layout(tmp_path: Path, peft) -> None:  # noqa: ANN001
     model = _trained_lora_model("bert")
     model.config.id2label = {0: "negative", 1: "positive"}
     model.config.label2id = {"negative": 0, "positive": 1}
@@ -95,6 +93,7 @@ def _save_base(tmp_path: Path, family: str = "bert") -> Path:
 
 def _peft_logits(tmp_path: Path, family: str, adapter: Path) -> torch.Tensor:
     """Logits of real PEFT loading ``adapter`` onto the saved base model, with no warning."""
+    import peft
     from transformers import AutoModelForSequenceClassification
 
     base_path = _save_base(tmp_path, family)
@@ -105,7 +104,7 @@ def _peft_logits(tmp_path: Path, family: str, adapter: Path) -> torch.Tensor:
     return _logits(peft_model)
 
 
-def test_lorakit_adapter_loads_in_peft(tmp_path: Path, family: str) -> None:
+def test_lorakit_adapter_loads_in_peft(tmp_path: Path, family: str, peft) -> None:  # noqa: ANN001
     ours = _trained_lora_model(family)
     save_adapter(ours, tmp_path / "a", task="sst2")
     got = _peft_logits(tmp_path, family, tmp_path / "a")
@@ -117,7 +116,10 @@ def test_lorakit_adapter_loads_in_peft(tmp_path: Path, family: str) -> None:
     [("all", None), ("lora_only", None), ("none", ["pooler"]), ("all", ["pooler"])],
 )
 def test_trained_biases_and_modules_reach_peft(
-    tmp_path: Path, bias: str, modules_to_save: list[str] | None
+    tmp_path: Path,
+    bias: str,
+    modules_to_save: list[str] | None,
+    peft,  # noqa: ANN001
 ) -> None:
     model = make_model("bert")
     apply_lora_to_model(model, ["query", "value"], rank=4, alpha=8)
@@ -143,7 +145,7 @@ def test_trained_biases_and_modules_reach_peft(
     assert {n for n, p in dst.named_parameters() if p.requires_grad} == trained
 
 
-def test_layers_of_other_ranks_and_alphas_round_trip(tmp_path: Path) -> None:
+def test_layers_of_other_ranks_and_alphas_round_trip(tmp_path: Path, peft) -> None:  # noqa: ANN001
     model = make_model("bert")
     apply_lora_to_model(model, ["query", "value"], rank=4, alpha=8)
     apply_lora_to_model(model, ["dense"], rank=2, alpha=3)
@@ -212,7 +214,12 @@ def test_adapter_missing_a_bias_its_config_promises_is_refused(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])
-def test_peft_adapter_loads_in_lorakit(tmp_path: Path, family: str, bias: str) -> None:
+def test_peft_adapter_loads_in_lorakit(
+    tmp_path: Path,
+    family: str,
+    bias: str,
+    peft,  # noqa: ANN001
+) -> None:
     config = peft.LoraConfig(
         task_type="SEQ_CLS",
         r=4,

@@ -88,3 +88,19 @@ def test_no_import_cycles() -> None:
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_without_peft_only_the_tests_that_need_it_skip() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['peft'] = None; import pytest; "
+        "sys.exit(pytest.main(['tests/test_adapter.py', '-p', 'no:cacheprovider', "
+        "'-p', 'no:warnings', '-k', 'round_trip or refused or broken or layout or misfit']))"
+    )
+    root = PACKAGE.parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert " passed" in summary and " skipped" in summary, summary

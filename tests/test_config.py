@@ -225,11 +225,13 @@ BERT_LINEAR = [  # every nn.Linear of the tiny BERT classifier but its head
     ],
 )
 def test_configured_targets_select_layers(
-    tmp_path: Path, targets: str, expected: list[str]
+    tmp_path: Path,
+    targets: str,
+    expected: list[str],
+    peft,  # noqa: ANN001
 ) -> None:
     """The config's target_modules wrap exactly these layers; the saved adapter says the same
     to PEFT (a list of names, which PEFT matches exactly or by dotted suffix)."""
-    import peft
     from peft.tuners.tuners_utils import check_target_module_exists
     from torch import nn
 
