@@ -14,7 +14,19 @@ LAYERS = {
     "foundation": {"errors", "atomic", "paths", "extras", "runtime", "progress", "config"},
     "core": {"lora", "inject", "state", "adapter", "__init__"},
     "loading": {"data", "hub", "models", "batches", "runlog", "plots"},
-    "engines": {"export", "predict", "predict_files", "evaluate", "checkpoint", "train", "doctor"},
+    "engines": {
+        "export",
+        "predict",
+        "predict_files",
+        "evaluate",
+        "checkpoint",
+        "train",
+        "doctor",
+        "multi",
+        "batcher",
+        "protocol",
+        "serve",
+    },
     "commands": {"cli", "__main__", "commands"},
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

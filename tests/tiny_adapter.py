@@ -9,7 +9,7 @@ import torch
 from conftest import FAMILIES, make_model
 from transformers import AutoModelForSequenceClassification, BertConfig, BertTokenizerFast
 
-from lorakit import apply_lora_to_model, save_adapter
+from lorakit import apply_lora_to_model, mark_only_lora_as_trainable, save_adapter
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Every lowercase word splits into letters, so any English text tokenizes without [UNK].
@@ -53,6 +53,7 @@ def make_adapter(
     model.config.id2label = dict(labels)
     model.config.label2id = {v: k for k, v in labels.items()}
     apply_lora_to_model(model, FAMILIES["bert"][1], rank=4, alpha=8)
+    mark_only_lora_as_trainable(model)  # as training does: the adapter holds LoRA + head
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -60,3 +61,22 @@ def make_adapter(
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
     extra = {"max_length": max_length, "metrics": {"accuracy": 0.5}}
     return save_adapter(model, folder, base_model_name_or_path=str(base), task=task, extra=extra)
+
+
+def make_three_label_adapter(folder: Path, base: Path) -> Path:
+    """Rank 2 on query/value only, three labels: another rank, target set and head width."""
+    model = make_model("bert")
+    model.classifier = torch.nn.Linear(32, 3)
+    model.config.num_labels = 3
+    model.config.id2label = {0: "low", 1: "mid", 2: "high"}
+    model.config.label2id = {"low": 0, "mid": 1, "high": 2}
+    apply_lora_to_model(model, ["query", "value"], rank=2, alpha=6)
+    mark_only_lora_as_trainable(model)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return save_adapter(
+        model, folder, base_model_name_or_path=str(base), task="grades", extra={"max_length": 32}
+    )

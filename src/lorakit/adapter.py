@@ -292,19 +292,17 @@ def _extra_params(model: nn.Module, targets: list[str], config: dict[str, Any]) 
     return expected
 
 
-def _check_fits(
+def lora_plan(
     model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]
 ) -> list[tuple[str, int, float]]:
-    """Check every tensor against the model before anything changes.
+    """Check the adapter's LoRA tensors against ``model``'s layers, changing nothing.
 
     Returns:
         (target name, rank, alpha) for every layer the adapter wraps.
     """
     targets = find_target_modules(model, config["target_modules"])
-    rank_pattern, alpha_pattern = (
-        config.get("rank_pattern") or {},
-        config.get("alpha_pattern") or {},
-    )
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
     plan = []
     for name in targets:
         r = int(pattern_value(rank_pattern, name, config["r"]))
@@ -326,15 +324,25 @@ def _check_fits(
                     f"expects {shape}: was this adapter trained on another base model?"
                 )
         plan.append((name, r, alpha))
-    extra = _extra_params(model, targets, config)
     target_set = set(targets)
+    for key in state:
+        if ".lora_" in key and key.rsplit(".lora_", 1)[0] not in target_set:
+            raise LoraKitError(f"adapter tensor {key!r} matches no target layer of the model")
+    return plan
+
+
+def _check_fits(
+    model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> list[tuple[str, int, float]]:
+    """``lora_plan``, and every other tensor checked against its place in ``model``."""
+    plan = lora_plan(model, config, state)
+    extra = _extra_params(model, [name for name, _, _ in plan], config)
     for key, value in state.items():
         if ".lora_" in key:
-            if key.rsplit(".lora_", 1)[0] not in target_set:
-                raise LoraKitError(f"adapter tensor {key!r} matches no target layer of the model")
-        elif key not in extra:
+            continue
+        if key not in extra:
             raise LoraKitError(f"adapter tensor {key!r} has no place in the model")
-        elif tuple(value.shape) != extra[key]:
+        if tuple(value.shape) != extra[key]:
             raise LoraKitError(
                 f"adapter tensor {key!r} has shape {tuple(value.shape)}, the model expects "
                 f"{extra[key]} (num_labels differs?)"

@@ -24,6 +24,7 @@ COMMANDS = {
     "predict": "lorakit.commands.predict",
     "merge": "lorakit.commands.merge",
     "export": "lorakit.commands.export",
+    "serve": "lorakit.commands.serve",
 }
 
 

@@ -206,14 +206,10 @@ class Encoded:
         return len(self.labels)
 
 
-def encode_texts(
-    rows: Sequence[tuple[str, ...]],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    labels: Sequence[int] | None = None,
-    pad_id: int | None = None,
-) -> Encoded:
-    """Token ids of one or two texts per row, cut at ``max_length``; notes which were cut."""
+def _tokenize(
+    rows: Sequence[tuple[str, ...]], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[bool]]:
+    """ids, token type ids and truncation flags of rows that all have the same arity."""
     columns = list(zip(*rows, strict=True))
     out = tokenizer(*columns, truncation=True, max_length=max_length)
     ids = [np.asarray(x, dtype=np.int64) for x in out["input_ids"]]
@@ -222,13 +218,38 @@ def encode_texts(
     else:
         truncated = [len(f) > max_length for f in tokenizer(*columns)["input_ids"]]
     types = out.get("token_type_ids")
+    return ids, [np.asarray(t, dtype=np.int64) for t in types] if types else None, truncated
+
+
+def encode_texts(
+    rows: Sequence[tuple[str, ...]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    labels: Sequence[int] | None = None,
+    pad_id: int | None = None,
+) -> Encoded:
+    """Token ids of one or two texts per row (both kinds may mix), cut at ``max_length``;
+    notes which rows were cut."""
+    n = len(rows)
+    ids: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * n
+    types: list[np.ndarray] | None = None
+    truncated = [False] * n
+    for arity in sorted({len(r) for r in rows}):
+        idx = [i for i, r in enumerate(rows) if len(r) == arity]
+        part_ids, part_types, part_cut = _tokenize([rows[i] for i in idx], tokenizer, max_length)
+        if part_types is not None and types is None:
+            types = [np.zeros(0, dtype=np.int64)] * n
+        for j, i in enumerate(idx):
+            ids[i], truncated[i] = part_ids[j], part_cut[j]
+            if types is not None:
+                types[i] = part_types[j] if part_types else np.zeros_like(part_ids[j])
     if pad_id is None:
         pad_id = int(tokenizer.pad_token_id or 0)
     return Encoded(
         input_ids=ids,
-        token_type_ids=[np.asarray(t, dtype=np.int64) for t in types] if types else None,
-        labels=np.asarray(labels if labels is not None else [0] * len(ids), dtype=np.int64),
-        lengths=np.asarray([len(x) for x in ids]),
+        token_type_ids=types,
+        labels=np.asarray(labels if labels is not None else [0] * n, dtype=np.int64),
+        lengths=np.asarray([len(x) for x in ids], dtype=np.int64),
         pad_id=pad_id,
         truncated=np.asarray(truncated, dtype=bool),
     )

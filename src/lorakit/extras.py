@@ -9,7 +9,7 @@ from lorakit.errors import LoraKitError
 # extra -> the modules it installs; mirrors pyproject.toml's [project.optional-dependencies].
 EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxruntime", "onnxscript"),
-    "serve": ("fastapi", "uvicorn"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
 }
 
 

@@ -17,6 +17,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 DEFAULT_ADAPTER = "default"
+Routes = list[tuple[str, slice]]  # adapter name -> the batch rows it owns, grouped
+
+
+class Router:
+    """Shared by every layer of one model: which rows of the current batch use which adapter.
+
+    ``routes`` is None outside a mixed batch; then each layer runs its active adapter.
+    """
+
+    def __init__(self) -> None:
+        self.routes: Routes | None = None
 
 
 class LoRALayer(nn.Module):
@@ -88,6 +99,7 @@ class LinearWithLoRA(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.disabled = False
+        self.router: Router | None = None  # set for mixed-adapter batches (lorakit.multi)
         self.add_adapter(adapter_name, rank, alpha, dropout)
         self._freeze_linear()
 
@@ -123,6 +135,8 @@ class LinearWithLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.router is not None and self.router.routes is not None:
+            return self._mixed(x, out, self.router.routes)
         if self.disabled or self.merged or self.active_adapter is None:
             return out
         lora = self.lora
@@ -134,6 +148,23 @@ class LinearWithLoRA(nn.Module):
             out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), lora.scaled_B().T
         )
         return flat.view(out.shape)
+
+    def _mixed(self, x: torch.Tensor, out: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Each row slice gets its own adapter's update; the base matmul ran once for all.
+
+        Rows come grouped by adapter (``routes``: adapter name -> contiguous row slice), so
+        every adapter's update is two small matmuls on a view: no gather, no scatter.
+        """
+        if self.merged:
+            raise RuntimeError("mixed-adapter batches need unmerged weights")
+        for name, rows in routes:
+            if name not in self.adapters:  # this adapter does not adapt this layer
+                continue
+            lora = self.adapter(name)
+            part = out[rows]  # (n_rows, *, out), a view
+            h = lora.down(x[rows])  # (n_rows, *, rank)
+            part += F.linear(h, lora.scaled_B()).to(part.dtype)
+        return out
 
     def _delta_for_base(self, name: str) -> torch.Tensor:
         delta = self.adapter(name).delta_weight()

@@ -1,0 +1,156 @@
+"""Dynamic batching for the server: requests enqueue rows, one worker thread scores batches.
+
+The async request handlers only enqueue tokenized rows, each with a future. One worker thread
+takes the oldest waiting row and fills a batch with the rows closest to it in length (least
+padding), up to ``max_batch_tokens`` padded tokens, whatever their adapters; runs
+``AdapterSet.logits`` once for the batch; and resolves the futures on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lorakit.data import Encoded, collate
+from lorakit.multi import AdapterSet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One text (or pair) waiting to be scored."""
+
+    adapter: str
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+    future: asyncio.Future[np.ndarray]
+    loop: asyncio.AbstractEventLoop
+    queued: float = field(default_factory=time.perf_counter)
+
+    def resolve(self, logits: np.ndarray | None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if self.future.done():  # the client went away
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(logits)  # type: ignore[arg-type]
+
+        self.loop.call_soon_threadsafe(settle)
+
+
+BatchObserver = Callable[[int, int, float], None]  # rows, padded tokens, seconds
+
+
+class Batcher:
+    """A queue of rows and the worker thread that scores them in batches."""
+
+    def __init__(
+        self,
+        adapters: AdapterSet,
+        max_batch_tokens: int,
+        max_batch_requests: int | None = None,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self.adapters = adapters
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self.on_batch = on_batch
+        self.pending: list[Row] = []
+        self.ready = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._work, name="lorakit-batcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Score what is queued, then end the worker."""
+        with self.ready:
+            self.stopping = True
+            self.ready.notify()
+        self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def queue_size(self) -> int:
+        return len(self.pending)
+
+    def submit(self, rows: list[Row]) -> None:
+        with self.ready:
+            self.pending.extend(rows)
+            self.ready.notify()
+
+    def _take(self) -> list[Row]:
+        """The oldest row and its nearest neighbours in length, within the token budget."""
+        oldest = self.pending[0]
+        by_length = sorted(
+            self.pending, key=lambda r: abs(len(r.input_ids) - len(oldest.input_ids))
+        )
+        batch: list[Row] = []
+        width = 0
+        for row in by_length:
+            new_width = max(width, len(row.input_ids))
+            if batch and new_width * (len(batch) + 1) > self.max_batch_tokens:
+                break
+            if self.max_batch_requests and len(batch) >= self.max_batch_requests:
+                break
+            batch.append(row)
+            width = new_width
+        taken = {id(r) for r in batch}
+        self.pending = [r for r in self.pending if id(r) not in taken]
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self.ready:
+                while not self.pending and not self.stopping:
+                    self.ready.wait()
+                if not self.pending:  # stopping, and nothing left to score
+                    return
+                batch = self._take()
+            self._run(batch)
+
+    def _run(self, batch: list[Row]) -> None:
+        start = time.perf_counter()
+        try:
+            data = Encoded(
+                input_ids=[r.input_ids for r in batch],
+                token_type_ids=(
+                    [
+                        r.token_type_ids
+                        if r.token_type_ids is not None
+                        else np.zeros_like(r.input_ids)
+                        for r in batch
+                    ]
+                    if any(r.token_type_ids is not None for r in batch)
+                    else None
+                ),
+                labels=np.zeros(len(batch), dtype=np.int64),
+                lengths=np.asarray([len(r.input_ids) for r in batch]),
+                pad_id=int(self.adapters.tokenizer.pad_token_id or 0),
+                truncated=np.zeros(len(batch), dtype=bool),
+            )
+            tensors = collate(data, np.arange(len(batch)))
+            del tensors["labels"]
+            inputs = {k: v.numpy() for k, v in tensors.items()}
+            logits = self.adapters.logits(inputs, [r.adapter for r in batch])
+        except Exception as e:  # noqa: BLE001 - a model error fails this batch, not the server
+            logger.exception("batch of %d rows failed", len(batch))
+            for row in batch:
+                row.resolve(None, e)
+            return
+        for row, out in zip(batch, logits, strict=True):
+            row.resolve(out)
+        if self.on_batch is not None:
+            width = int(data.lengths.max())
+            self.on_batch(len(batch), width * len(batch), time.perf_counter() - start)

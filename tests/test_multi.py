@@ -1,0 +1,101 @@
+"""Many adapters over one base: mixed batches score each row as that adapter alone would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_adapter import make_adapter, make_base, make_three_label_adapter
+
+from lorakit import LoraKitError, apply_lora_to_model, save_adapter
+from lorakit.data import collate, encode_texts
+from lorakit.inject import lora_layers
+from lorakit.models import load_adapted_model
+from lorakit.multi import AdapterSet
+
+SINGLE = ["the movie was good", "not a great film", "fine", "bad bad bad movie, not fine at all"]
+PAIRS = [("the film was fine", "the movie was good"), ("not good", "great")]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[AdapterSet, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("multi")
+    base = make_base(root / "base")
+    dirs = {
+        "sst2": make_adapter(root / "sst2", base),
+        "mrpc": make_adapter(root / "mrpc", base, task="mrpc", seed=5),
+        "grades": make_three_label_adapter(root / "grades", base),
+    }
+    adapters = AdapterSet(str(base))
+    for name, d in dirs.items():
+        adapters.load(name, d)
+    return adapters, dirs
+
+
+def _alone(directory: Path, rows: list[tuple[str, ...]]) -> list[np.ndarray]:
+    """Each row's logits from the adapter loaded alone into its own model (lorakit predict)."""
+    model, tokenizer, _ = load_adapted_model(directory)
+    out = []
+    for row in rows:
+        batch = collate(encode_texts([row], tokenizer, 32), np.arange(1))
+        del batch["labels"]
+        with torch.no_grad():
+            out.append(model(**batch).logits[0].numpy())
+    return out
+
+
+def test_mixed_batch_rows_match_each_adapter_alone(served) -> None:  # noqa: ANN001
+    adapters, dirs = served
+    rows: list[tuple[str, ...]] = []
+    names: list[str] = []
+    for i in range(4):  # interleaved, so grouping by adapter really reorders rows
+        rows += [(SINGLE[i],), PAIRS[i % 2], (SINGLE[3 - i],)]
+        names += ["sst2", "mrpc", "grades"]
+    data = encode_texts(rows, adapters.tokenizer, 32)
+    batch = {k: v.numpy() for k, v in collate(data, np.arange(len(rows))).items()}
+    del batch["labels"]
+    mixed = adapters.logits(batch, names)
+    for name in dirs:
+        idx = [i for i, n in enumerate(names) if n == name]
+        want = _alone(dirs[name], [rows[i] for i in idx])
+        for i, w in zip(idx, want, strict=True):
+            assert mixed[i].shape == w.shape
+            np.testing.assert_allclose(mixed[i], w, atol=1e-5, rtol=1e-5)
+    assert {a.ranks for a in adapters.adapters.values()} == {(4,), (2,)}
+    assert adapters.adapters["grades"].labels == ("low", "mid", "high")
+
+
+def test_a_misfit_is_refused_and_the_set_is_untouched(served, tmp_path: Path) -> None:  # noqa: ANN001
+    adapters, _ = served
+    other = make_base(tmp_path / "wide", hidden=48)
+    bad = make_adapter(tmp_path / "bad", other)
+    # Built on a 48-wide model, but saved by make_adapter from the 32-wide make_model:
+    # rewrite it from a wide model instead.
+    from transformers import AutoModelForSequenceClassification
+
+    wide = AutoModelForSequenceClassification.from_pretrained(other)
+    apply_lora_to_model(wide, ["query"], rank=4, alpha=8)
+    save_adapter(wide, bad)
+    before = {n: p.clone() for n, p in adapters.model.named_parameters()}
+    with pytest.raises(LoraKitError, match="shape"):
+        adapters.load("bad", bad)
+    with pytest.raises(LoraKitError, match="already loaded"):
+        adapters.load("sst2", bad)
+    after = dict(adapters.model.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert "bad" not in adapters.adapters
+
+
+def test_unload_removes_only_that_adapter(served, tmp_path: Path) -> None:  # noqa: ANN001
+    adapters, dirs = served
+    adapters.load("extra", dirs["sst2"])
+    adapters.unload("extra")
+    assert "extra" not in adapters.adapters
+    assert all("extra" not in s.heads for s in adapters.switches.values())
+    assert all("extra" not in layer.adapters for _, layer in lora_layers(adapters.model))
+    assert all("sst2" in layer.adapters for _, layer in lora_layers(adapters.model))
+    with pytest.raises(LoraKitError, match="no adapter named"):
+        adapters.unload("extra")
