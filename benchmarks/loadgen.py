@@ -9,6 +9,7 @@ pool, on the same machine as the server (its CPU time is part of every figure).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
@@ -95,20 +96,27 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: IO[bytes], timeout: flo
 
 
 @contextmanager
-def running(command: list[str], timeout: float = 300.0) -> Iterator[Process]:
+def running(
+    command: list[str], env: dict[str, str] | None = None, timeout: float = 300.0
+) -> Iterator[Process]:
     """Start ``command --port P`` on 127.0.0.1, wait for /health, stop it on the way out."""
     port = _free_port()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [*command, "--port", str(port)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            [*command, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
         )
         try:
             url = f"http://{HOST}:{port}"
             _wait_healthy(proc, url, log, timeout)
-            yield Process(url, proc.pid)
-        except BaseException:
-            sys.stderr.write(f"--- server output ---\n{_tail(log)}\n")
-            raise
+            try:
+                yield Process(url, proc.pid)
+            except BaseException:
+                sys.stderr.write(f"--- server output ---\n{_tail(log)}\n")
+                raise
         finally:
             proc.terminate()
             try:
@@ -171,5 +179,7 @@ async def closed_loop(
             await asyncio.wait_for(workers, seconds + timeout + 10)
         finally:
             sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
         sample()
     return load

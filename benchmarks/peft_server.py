@@ -71,8 +71,8 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)
     args = p.parse_args()
-    adapters = [tuple(a.split("=", 1)) for a in args.adapter]
-    app = create_app(args.model, adapters)  # type: ignore[arg-type]
+    adapters = [(name, path) for name, _, path in (a.partition("=") for a in args.adapter)]
+    app = create_app(args.model, adapters)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -313,8 +313,8 @@ def test_unknown_config_keys_warn(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         (lambda d: d.mkdir(), "adapter_config.json is missing"),
         (lambda d: (d.mkdir(), (d / "adapter_config.json").write_text("{oops")), "not valid JSON"),
         (
-            lambda d: (d.mkdir(), (d / "adapter_config.json").write_text('{"peft_type": "IA3"}')),
-            "not a LoRA",
+            lambda d: (d.mkdir(), (d / "adapter_config.json").write_text('{"peft_type": "VERA"}')),
+            "not a LoRA or IA",
         ),
         (
             lambda d: (
@@ -330,10 +330,10 @@ def test_unknown_config_keys_warn(tmp_path: Path, caplog: pytest.LogCaptureFixtu
                 d.mkdir(),
                 (d / "adapter_config.json").write_text(
                     '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"],'
-                    ' "use_dora": true}'
+                    ' "lora_bias": true}'
                 ),
             ),
-            "use_dora",
+            "lora_bias",
         ),
     ],
 )

@@ -11,8 +11,17 @@ PACKAGE = Path(lorakit.__file__).parent
 
 # Lowest first. A module may import from its own layer or any layer below, never above.
 LAYERS = {
-    "foundation": {"errors", "atomic", "paths", "extras", "runtime", "progress", "config"},
-    "core": {"lora", "inject", "state", "adapter", "__init__"},
+    "foundation": {
+        "errors",
+        "atomic",
+        "paths",
+        "extras",
+        "runtime",
+        "progress",
+        "config",
+        "distributed",
+    },
+    "core": {"lora", "inject", "state", "adapter", "adapter_config", "__init__"},
     "loading": {"data", "hub", "models", "batches", "runlog", "plots"},
     "engines": {
         "export",

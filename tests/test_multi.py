@@ -99,3 +99,47 @@ def test_unload_removes_only_that_adapter(served, tmp_path: Path) -> None:  # no
     assert all("sst2" in layer.adapters for _, layer in lora_layers(adapters.model))
     with pytest.raises(LoraKitError, match="no adapter named"):
         adapters.unload("extra")
+
+
+def test_variants_mix_in_one_batch(tmp_path: Path) -> None:
+    """rsLoRA, DoRA and IA³ adapters share the base and a batch with plain LoRA."""
+    from conftest import make_model
+
+    from lorakit import mark_only_lora_as_trainable
+    from lorakit.inject import apply_ia3_to_model
+
+    base = make_base(tmp_path / "base")
+    dirs = {"plain": make_adapter(tmp_path / "plain", base)}
+    for i, variant in enumerate(("rslora", "dora", "ia3")):
+        model = make_model("bert")
+        if variant == "ia3":
+            apply_ia3_to_model(model)
+        else:
+            apply_lora_to_model(
+                model,
+                ["query", "value", "dense"],
+                rank=2 + i,
+                alpha=4,
+                use_rslora=variant == "rslora",
+                use_dora=variant == "dora",
+            )
+        mark_only_lora_as_trainable(model)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        extra = {"max_length": 32}
+        dirs[variant] = save_adapter(model, tmp_path / variant, str(base), "sst2", extra)
+    adapters = AdapterSet(str(base))
+    for name, d in dirs.items():
+        adapters.load(name, d)
+    names = [n for _ in range(2) for n in dirs]
+    rows = [(SINGLE[i % len(SINGLE)],) for i in range(len(names))]
+    data = encode_texts(rows, adapters.tokenizer, 32)
+    batch = {k: v.numpy() for k, v in collate(data, np.arange(len(rows))).items()}
+    del batch["labels"]
+    mixed = adapters.logits(batch, names)
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(mixed[i], _alone(dirs[name], [rows[i]])[0], atol=1e-5, rtol=1e-5)
+    assert adapters.adapters["dora"].variant == "DoRA" and adapters.adapters["ia3"].variant == "IA³"

@@ -1,25 +1,34 @@
-"""Adapter directories in Hugging Face PEFT's layout: ``adapter_config.json`` + safetensors.
+"""Adapter directories in Hugging Face PEFT's layout, and putting one into a model.
 
-Only json and safetensors are ever read, never pickle. Tensor keys are
-``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
-``base_model.model.<head>.<param>``, exactly what ``peft.PeftModel`` writes and reads.
+``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight`` /
+``.lora_B.weight`` (DoRA adds ``.lora_magnitude_vector``; IA³ has ``.ia3_l`` instead) and
+``base_model.model.<head>.<param>``, exactly what ``peft.PeftModel`` writes and reads;
+``adapter_config.json`` is described in ``lorakit.adapter_config``. Only json and safetensors
+are ever read, never pickle.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.atomic import atomic_dir, recover
+from lorakit.adapter_config import (
+    CONFIG_NAME,
+    LORAKIT_NAME,
+    pattern_value,
+    plain_lora_config,
+    read_adapter_config,
+)
+from lorakit.atomic import atomic_dir
 from lorakit.errors import LoraKitError
 from lorakit.inject import (
     find_heads,
@@ -29,7 +38,7 @@ from lorakit.inject import (
     matches_target,
     set_submodule,
 )
-from lorakit.lora import DEFAULT_ADAPTER, LinearWithLoRA
+from lorakit.lora import DEFAULT_ADAPTER, IA3Layer, LinearWithLoRA, LoRALayer
 from lorakit.state import (
     find_modules,
     get_lora_state_dict,
@@ -38,80 +47,19 @@ from lorakit.state import (
     trainable_layout,
 )
 
-logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-LORAKIT_NAME = "lorakit.json"
 PREFIX = "base_model.model."
-
-# Keys PEFT writes for LoRA that lorakit understands (or knows to be harmless at these values).
-KNOWN_KEYS = {
-    "peft_type",
-    "task_type",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "modules_to_save",
-    "base_model_name_or_path",
-    "bias",
-    "fan_in_fan_out",
-    "inference_mode",
-    "init_lora_weights",
-    "use_rslora",
-    "use_dora",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "revision",
-    "auto_mapping",
-    "peft_version",
-    "id2label",
-    "label2id",
-    "num_labels",
-    "task",
-    "lorakit_version",
-    "max_length",
-    "text_columns",
-    "metrics",
-    "exclude_modules",
-    "megatron_config",
-    "megatron_core",
-    "loftq_config",
-    "layer_replication",
-    "runtime_config",
-    "eva_config",
-    "corda_config",
-    "trainable_token_indices",
-    "lora_bias",
-    "target_parameters",
-    "qalora_group_size",
-    "use_qalora",
-    "ensure_weight_tying",
-    "arrow_config",
-    "alora_invocation_tokens",
-    "lora_ga_config",
-    "kasa_config",
-    "monteclora_config",
-    "use_bdlora",
-    "velora_config",
-}
-# Features of PEFT's LoRA that change the math; an adapter using them would load wrong.
-UNSUPPORTED = {"use_dora": True, "use_rslora": True, "lora_bias": True}
-# What lorakit knows about an adapter that PEFT has no key for; kept in LORAKIT_NAME so that
-# adapter_config.json holds PEFT's keys only and PEFT loads it without a warning.
-LORAKIT_KEYS = ("task", "num_labels", "id2label", "label2id", "lorakit_version")
+# A layer's own adapter tensors: "<layer>.lora_A.weight", ".lora_B.weight", DoRA's
+# ".lora_magnitude_vector", IA³'s ".ia3_l". Everything else is a head or base tensor.
+LAYER_TENSOR = re.compile(r"(.*)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|ia3_l)$")
 
 
-def _target_spec(model: nn.Module) -> list[str]:
-    """Shortest target list that selects exactly the wrapped layers: leaf names, else full names."""
-    wrapped = [name for name, _ in lora_layers(model)]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
-    if set(find_target_modules(model, leaves)) == set(wrapped):
+def _spec(model: nn.Module, names: list[str]) -> list[str]:
+    """Shortest target list selecting exactly ``names`` among the wrapped layers."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if set(find_target_modules(model, leaves)) == set(names):
         return leaves
-    return sorted(wrapped)
+    return sorted(names)
 
 
 def _patterned(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -120,12 +68,50 @@ def _patterned(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return common, {name: v for name, v in values.items() if v != common}
 
 
-def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's lookup: the first key that full-matches a dotted suffix of ``name``, else default."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+def _peft_config(model: nn.Module, bias: str) -> dict[str, Any]:
+    """PEFT's config for the model's active adapter layers (LoRA or IA³, not both)."""
+    layers = [(name, layer.lora) for name, layer in lora_layers(model)]
+    if not layers:
+        raise LoraKitError("the model has no LoRA layers to save")
+    kinds = {type(a) for _, a in layers}
+    if len(kinds) > 1:
+        raise LoraKitError("the model mixes LoRA and IA³ layers; an adapter holds one kind")
+    fan_in_fan_out = next(layer for _, layer in lora_layers(model)).fan_in_fan_out
+    names = [name for name, _ in layers]
+    if kinds == {IA3Layer}:
+        if bias != "none":
+            raise LoraKitError("an IA³ adapter cannot hold trained biases (PEFT's IA3 has no bias)")
+        # Full names: PEFT wants feedforward_modules to be a subset of target_modules.
+        ff = sorted(name for name, a in layers if isinstance(a, IA3Layer) and a.feedforward)
+        return {
+            "peft_type": "IA3",
+            "target_modules": sorted(names),
+            "feedforward_modules": ff,
+            "init_ia3_weights": True,
+            "fan_in_fan_out": fan_in_fan_out,
+        }
+    loras = [(name, a) for name, a in layers if isinstance(a, LoRALayer)]
+    flavours = {(a.use_rslora, a.use_dora) for _, a in loras}
+    if len(flavours) > 1:
+        raise LoraKitError("the model's LoRA layers mix rsLoRA/DoRA and plain LoRA")
+    use_rslora, use_dora = flavours.pop()
+    r, rank_pattern = _patterned({name: a.rank for name, a in loras})
+    alpha, alpha_pattern = _patterned({name: a.alpha for name, a in loras})
+    dropout = loras[0][1].dropout
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+        "target_modules": _spec(model, names),
+        "bias": bias,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+    }
 
 
 def save_adapter(
@@ -134,41 +120,29 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task: str | None = None,
     extra: dict[str, Any] | None = None,
+    plain_lora: bool = False,
 ) -> Path:
     """Write the active adapter, the head and every other trained tensor as a PEFT directory.
 
     ``adapter_config.json`` says what is saved (``bias``, ``modules_to_save``, per-layer
-    ``rank_pattern`` / ``alpha_pattern``); lorakit's own facts (labels, task, ``extra``) go to
-    ``lorakit.json``. A trainable tensor the format cannot hold is refused, never dropped.
-    The directory appears complete or not at all (``lorakit.atomic``).
+    ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ``use_dora``, or IA³'s keys);
+    lorakit's own facts (labels, task, ``extra``) go to ``lorakit.json``. A trainable tensor
+    the format cannot hold is refused, never dropped. ``plain_lora`` writes rsLoRA as the
+    equivalent plain LoRA, for runtimes that ignore ``use_rslora``. The directory appears
+    complete or not at all (``lorakit.atomic``).
     """
-    layers = list(lora_layers(model))
-    if not layers:
-        raise LoraKitError("the model has no LoRA layers to save")
     layout = trainable_layout(model)
-    r, rank_pattern = _patterned({name: layer.lora.rank for name, layer in layers})
-    alpha, alpha_pattern = _patterned({name: layer.lora.alpha for name, layer in layers})
-    dropout = layers[0][1].lora.dropout
     label_cfg = getattr(model, "config", None)
     config: dict[str, Any] = {
-        "peft_type": "LORA",
         "task_type": "SEQ_CLS",
-        "r": r,
-        "lora_alpha": alpha,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-        "target_modules": _target_spec(model),
+        **_peft_config(model, layout.bias),
         "modules_to_save": layout.modules_to_save,
         "base_model_name_or_path": base_model_name_or_path
         or getattr(label_cfg, "_name_or_path", None),
-        "bias": layout.bias,
-        "fan_in_fan_out": layers[0][1].fan_in_fan_out,
         "inference_mode": True,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
     }
+    if plain_lora:
+        config = plain_lora_config(config)
     meta: dict[str, Any] = {"task": task, "lorakit_version": _version()}
     if label_cfg is not None:
         meta["num_labels"] = label_cfg.num_labels
@@ -193,49 +167,6 @@ def _version() -> str:
         return version("lorakit")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraKitError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise LoraKitError(f"{path} must hold a JSON object")
-    return data
-
-
-def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """``adapter_config.json`` checked, with ``lorakit.json``'s keys (labels, task) merged in.
-
-    Unknown keys are a warning, not a failure.
-    """
-    directory = Path(directory)
-    path = directory / CONFIG_NAME
-    if not directory.is_dir() and not recover(directory):
-        raise LoraKitError(f"adapter directory {directory} does not exist")
-    if not path.is_file():
-        raise LoraKitError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
-    config = _read_json(path)
-    if config.get("peft_type") != "LORA":
-        raise LoraKitError(f"{path} is not a LoRA adapter config (peft_type must be 'LORA')")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise LoraKitError(f"{path} lacks the required key {key!r}")
-    for key, bad in UNSUPPORTED.items():
-        if config.get(key) == bad:
-            raise LoraKitError(f"{path}: {key}={bad} is not supported by lorakit")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise LoraKitError(f"{path}: {key} must be a mapping of layer patterns to numbers")
-    if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise LoraKitError(f"{path}: bias must be none, all or lora_only, not {config['bias']!r}")
-    unknown = sorted(set(config) - KNOWN_KEYS)
-    if unknown:
-        logger.warning("%s: ignoring unknown keys %s", path, ", ".join(unknown))
-    if (directory / LORAKIT_NAME).is_file():
-        config.update(_read_json(directory / LORAKIT_NAME))
-    return config
 
 
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -292,53 +223,121 @@ def _extra_params(model: nn.Module, targets: list[str], config: dict[str, Any]) 
     return expected
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer an adapter adapts: its kind and, for LoRA, its rank and alpha."""
+
+    name: str
+    kind: Literal["lora", "ia3"]
+    rank: int = 0
+    alpha: float = 0.0
+    feedforward: bool = False  # IA³: scales the input
+
+
+def _in_out(model: nn.Module, name: str) -> tuple[int, int]:
+    module = model.get_submodule(name)
+    base = module.base_layer if isinstance(module, LinearWithLoRA) else module
+    w: torch.Tensor = base.weight  # type: ignore[assignment]
+    # GPT-2's Conv1D stores (in, out); nn.Linear (out, in).
+    return (w.shape[1], w.shape[0]) if isinstance(base, nn.Linear) else (w.shape[0], w.shape[1])
+
+
+def _expect(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> None:
+    if key not in state:
+        raise LoraKitError(f"incomplete adapter: it has no tensor for {key!r}")
+    if tuple(state[key].shape) != shape:
+        raise LoraKitError(
+            f"adapter tensor {key!r} has shape {tuple(state[key].shape)}, the model "
+            f"expects {shape}: was this adapter trained on another base model?"
+        )
+
+
 def lora_plan(
     model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]
-) -> list[tuple[str, int, float]]:
-    """Check the adapter's LoRA tensors against ``model``'s layers, changing nothing.
+) -> list[LayerPlan]:
+    """Check the adapter's layer tensors (LoRA, DoRA or IA³) against ``model``, changing nothing.
 
     Returns:
-        (target name, rank, alpha) for every layer the adapter wraps.
+        One ``LayerPlan`` per layer the adapter adapts.
     """
     targets = find_target_modules(model, config["target_modules"])
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     plan = []
     for name in targets:
-        r = int(pattern_value(rank_pattern, name, config["r"]))
-        alpha = float(pattern_value(alpha_pattern, name, config["lora_alpha"]))
-        module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, LinearWithLoRA) else module
-        w: torch.Tensor = base.weight  # type: ignore[assignment]
-        # GPT-2's Conv1D stores (in, out); nn.Linear (out, in).
-        n_in, n_out = (w.shape[1], w.shape[0]) if isinstance(base, nn.Linear) else w.shape[:2]
-        for key, shape in (
-            (f"{name}.lora_A.weight", (r, n_in)),
-            (f"{name}.lora_B.weight", (n_out, r)),
-        ):
-            if key not in state:
-                raise LoraKitError(f"incomplete adapter: it has no tensor for {key!r}")
-            if tuple(state[key].shape) != shape:
-                raise LoraKitError(
-                    f"adapter tensor {key!r} has shape {tuple(state[key].shape)}, the model "
-                    f"expects {shape}: was this adapter trained on another base model?"
-                )
-        plan.append((name, r, alpha))
+        n_in, n_out = _in_out(model, name)
+        if config["peft_type"] == "IA3":
+            ff = matches_target(name, config.get("feedforward_modules") or [])
+            _expect(state, f"{name}.ia3_l", (1, n_in) if ff else (n_out, 1))
+            plan.append(LayerPlan(name, "ia3", feedforward=ff))
+            continue
+        r = int(pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+        _expect(state, f"{name}.lora_A.weight", (r, n_in))
+        _expect(state, f"{name}.lora_B.weight", (n_out, r))
+        if config.get("use_dora"):
+            _expect(state, f"{name}.lora_magnitude_vector", (n_out,))
+        plan.append(LayerPlan(name, "lora", r, alpha))
     target_set = set(targets)
     for key in state:
-        if ".lora_" in key and key.rsplit(".lora_", 1)[0] not in target_set:
+        layer = LAYER_TENSOR.match(key)
+        if layer and layer.group(1) not in target_set:
             raise LoraKitError(f"adapter tensor {key!r} matches no target layer of the model")
     return plan
 
 
+def attach(
+    model: nn.Module,
+    plan: list[LayerPlan],
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> list[LinearWithLoRA]:
+    """Give every planned layer the adapter ``adapter_name`` with the adapter's tensors.
+
+    An existing adapter of that name and shape is reused (an optimizer may hold its tensors).
+
+    Returns:
+        The wrappers of the planned layers.
+    """
+    use_rslora, use_dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
+    dropout = float(config.get("lora_dropout", 0.0))
+    wrappers = []
+    for p in plan:
+        module = model.get_submodule(p.name)
+        if isinstance(module, LinearWithLoRA):
+            module.unmerge_weights()
+        else:
+            module = LinearWithLoRA(module, None)
+            set_submodule(model, p.name, module)
+        old = module.adapter(adapter_name) if adapter_name in module.adapters else None
+        layer: LoRALayer | IA3Layer
+        if p.kind == "ia3":
+            same = isinstance(old, IA3Layer) and old.feedforward == p.feedforward
+            layer = old if same else module.add_ia3(adapter_name, p.feedforward)  # type: ignore[assignment]
+        elif isinstance(old, LoRALayer) and (old.rank, old.use_rslora, old.use_dora) == (
+            p.rank,
+            use_rslora,
+            use_dora,
+        ):
+            layer = old
+            layer.set_alpha(p.alpha)
+        else:
+            layer = module.add_adapter(adapter_name, p.rank, p.alpha, dropout, use_rslora, use_dora)
+        module.active_adapter = adapter_name
+        with torch.no_grad():
+            for suffix, tensor in layer.peft_tensors().items():
+                tensor.copy_(state[f"{p.name}.{suffix}"])
+        wrappers.append(module)
+    return wrappers
+
+
 def _check_fits(
     model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]
-) -> list[tuple[str, int, float]]:
+) -> list[LayerPlan]:
     """``lora_plan``, and every other tensor checked against its place in ``model``."""
     plan = lora_plan(model, config, state)
-    extra = _extra_params(model, [name for name, _, _ in plan], config)
+    extra = _extra_params(model, [p.name for p in plan], config)
     for key, value in state.items():
-        if ".lora_" in key:
+        if LAYER_TENSOR.match(key):
             continue
         if key not in extra:
             raise LoraKitError(f"adapter tensor {key!r} has no place in the model")
@@ -360,7 +359,7 @@ def _check_fits(
 def load_adapter(
     model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER
 ) -> dict[str, Any]:
-    """Inject LoRA as the adapter's config says and load all its tensors into ``model``.
+    """Put the adapter (LoRA, rsLoRA, DoRA or IA³) into ``model`` with all its tensors.
 
     Everything is checked first: an adapter that does not fit, or lacks a tensor its config
     says it holds (the task head above all), raises ``LoraKitError`` naming the first problem
@@ -373,27 +372,11 @@ def load_adapter(
     config = read_adapter_config(directory)
     state = read_adapter_weights(directory)
     plan = _check_fits(model, config, state)
-    dropout = float(config.get("lora_dropout", 0.0))
-    for name, r, alpha in plan:
-        module = model.get_submodule(name)
-        if isinstance(module, LinearWithLoRA):
-            module.unmerge_weights()
-            if adapter_name in module.adapters and module.adapter(adapter_name).rank == r:
-                lora = module.adapter(adapter_name)  # reuse: an optimizer may hold these
-                lora.alpha, lora.scaling = alpha, alpha / r
-            else:
-                lora = module.add_adapter(adapter_name, r, alpha, dropout)
-            module.active_adapter = adapter_name
-        else:
-            wrapper = LinearWithLoRA(module, r, alpha, dropout, adapter_name)
-            set_submodule(model, name, wrapper)
-            lora = wrapper.lora
-        lora.lora_A.copy_(state[f"{name}.lora_A.weight"])
-        lora.lora_B.copy_(state[f"{name}.lora_B.weight"])
+    attach(model, plan, config, state, adapter_name)
     mark_only_lora_as_trainable(model, config.get("bias", "none"), config.get("modules_to_save"))
     params = dict(model.named_parameters())
     for key, value in state.items():
-        if ".lora_" not in key:
+        if key in params:
             params[key].copy_(value.to(params[key].dtype))
     _apply_label_maps(model, config)
     return config
@@ -407,4 +390,4 @@ def _apply_label_maps(model: nn.Module, config: dict[str, Any]) -> None:
     model_cfg.label2id = {v: int(k) for k, v in config["id2label"].items()}
 
 
-__all__ = ["load_adapter", "matches_target", "read_adapter_config", "save_adapter"]
+__all__ = ["attach", "load_adapter", "lora_plan", "read_adapter_config", "save_adapter"]

@@ -27,7 +27,7 @@ class LoopState:
     """Where the training loop is, and what it has seen so far."""
 
     epoch: int = 0  # 0-based epoch in progress
-    batch_in_epoch: int = 0  # next batch to run in this epoch
+    batch_in_epoch: int = 0  # next step (global batch) to run in this epoch
     global_step: int = 0  # optimizer steps done
     best_metric: float | None = None
     best_epoch: float = 0
@@ -40,6 +40,9 @@ class LoopState:
     train_examples: int = 0
     steady_seconds: float = 0.0
     steady_examples: int = 0
+    # How the run was split when saved; a resume may split it otherwise (same global batch).
+    world_size: int = 1  # processes
+    global_batch: int = 0  # examples per optimizer step: batch_size x processes x accumulation
 
 
 @dataclass
@@ -60,7 +63,13 @@ def capture_rng() -> dict[str, Any]:
     return rng
 
 
-def restore_rng(rng: dict[str, Any]) -> None:
+def restore_rng(rng: dict[str, Any], rank: int = 0) -> None:
+    """Restore process ``rank``'s generators (``ranks`` holds each process's of a distributed
+    run); a process the saved run did not have keeps the generators it was seeded with."""
+    ranks = rng.get("ranks", [rng])
+    if rank >= len(ranks):
+        return
+    rng = ranks[rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -101,6 +110,16 @@ def load_checkpoint(directory: Path, opt: Optimization) -> tuple[LoopState, dict
     return state, rng
 
 
+def saved_world_size(directory: Path) -> int:
+    """How many processes wrote the checkpoint in ``directory`` (1 if it does not say)."""
+    recover(directory)
+    try:
+        return int(json.loads((directory / STATE_NAME).read_text()).get("world_size", 1))
+    except (OSError, ValueError, AttributeError):
+        return 1  # load_checkpoint says what is wrong with it
+
+
+BATCH, ACCUMULATION = "training.batch_size", "training.gradient_accumulation_steps"
 # Settings that may change on --resume: where files go and how the run is watched or run,
 # never what it computes.
 RESUMABLE = {
@@ -127,19 +146,41 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resume(saved: dict[str, Any], config: dict[str, Any]) -> None:
+def _global_batch(flat: dict[str, Any], processes: int) -> tuple[int, str]:
+    b, a = flat.get(BATCH, 1), flat.get(ACCUMULATION, 1)
+    return b * processes * a, f"{b} x {processes} x {a} = {b * processes * a}"
+
+
+def check_resume(
+    saved: dict[str, Any], config: dict[str, Any], saved_processes: int = 1, processes: int = 1
+) -> None:
     """Refuse to resume with settings that would make it another run (``LoraKitError``).
+
+    The global batch (batch_size x processes x gradient_accumulation_steps) must stay; how it
+    is split may change, e.g. 2 processes x 16 -> 1 x 32, or 1 x 16 x 2 accumulation steps.
 
     Args:
         saved: the run's own resolved configuration (its config.yaml), as a dict.
         config: the configuration asked for now, as a dict.
+        saved_processes: how many processes wrote the checkpoint.
+        processes: how many processes resume it.
     """
     before, now = _flatten(saved), _flatten(config)
+    (was, was_text), (will, will_text) = (
+        _global_batch(before, saved_processes),
+        _global_batch(now, processes),
+    )
+    free = RESUMABLE | ({BATCH, ACCUMULATION} if was == will else set())
     changed = [
         f"{key} {before[key]!r} -> {now[key]!r}"
         for key in sorted(set(before) & set(now))  # a key newer than the run: its default
-        if key not in RESUMABLE and before[key] != now[key]
+        if key not in free and before[key] != now[key]
     ]
+    if was != will:
+        changed.append(
+            f"global batch (batch_size x processes x gradient_accumulation_steps) "
+            f"{was_text} -> {will_text} (its split may change, its size may not)"
+        )
     if changed:
         raise LoraKitError(
             "--resume continues the same run, but these settings differ from its config.yaml: "

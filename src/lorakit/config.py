@@ -56,8 +56,38 @@ class LoraSettings:
         "the dotted name), or all-linear (every linear layer but the task head)",
         default_factory=lambda: ["query", "key", "value", "dense"],
     )
+    variant: Literal["lora", "dora", "ia3"] = _help(
+        "lora; dora (a trained magnitude per output row on top of LoRA); ia3 (learned scaling "
+        "vectors instead of low-rank matrices: rank, alpha and dropout do not apply)",
+        default="lora",
+    )
+    use_rslora: bool = _help(
+        "rank-stabilised scaling alpha/sqrt(rank) instead of alpha/rank", default=False
+    )
+    loraplus_lr_ratio: float = _help(
+        "LoRA+: learning rate of B (and of 1-d tensors) = ratio x that of A; 0 = off", default=0.0
+    )
+    feedforward_modules: TargetModules = _help(
+        "ia3: the targets whose input (not output) is scaled",
+        default_factory=lambda: ["output.dense"],
+    )
+
+    def describe(self) -> str:
+        """The variant in words, for the banner: "DoRA r=8", "rsLoRA r=8 + LoRA+ x16", "IA³"."""
+        if self.variant == "ia3":
+            return "IA³"
+        name = "DoRA" if self.variant == "dora" else "rsLoRA" if self.use_rslora else "LoRA"
+        if self.variant == "dora" and self.use_rslora:
+            name = "DoRA (rsLoRA scaling)"
+        plus = f" + LoRA+ x{self.loraplus_lr_ratio:g}" if self.loraplus_lr_ratio else ""
+        return f"{name} r={self.rank}{plus}"
 
     def check(self) -> None:
+        _require(self.loraplus_lr_ratio >= 0, "lora.loraplus_lr_ratio must be >= 0")
+        _require(
+            not (self.variant == "ia3" and (self.use_rslora or self.loraplus_lr_ratio)),
+            "lora.use_rslora and lora.loraplus_lr_ratio do not apply to variant ia3",
+        )
         _require(self.rank > 0, f"lora.rank must be positive, got {self.rank}")
         _require(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}")
         _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")

@@ -205,6 +205,18 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, idx: np.ndarray) -> Encoded:
+        """The examples ``idx``, in that order."""
+        types = self.token_type_ids
+        return Encoded(
+            input_ids=[self.input_ids[i] for i in idx],
+            token_type_ids=[types[i] for i in idx] if types is not None else None,
+            labels=self.labels[idx],
+            lengths=self.lengths[idx],
+            pad_id=self.pad_id,
+            truncated=self.truncated[idx],
+        )
+
 
 def _tokenize(
     rows: Sequence[tuple[str, ...]], tokenizer: PreTrainedTokenizerBase, max_length: int

@@ -30,6 +30,7 @@ def run_checks(data_dir: str | None = None) -> Iterator[Check]:
     device = pick_device()
     yield True, "device", f"{device} ({torch.get_num_threads()} threads)"
     yield True, "bf16 fast", "yes: default precision bf16" if bf16_fast(device) else "no: fp32"
+    yield _distributed()
     yield from _embedded_model()
     folder = data_dir or os.environ.get("LORAKIT_DATA_DIR")
     if folder:
@@ -38,6 +39,24 @@ def run_checks(data_dir: str | None = None) -> Iterator[Check]:
     else:
         yield True, "data dir", "none set: GLUE comes from datasets.load_dataset (needs the Hub)"
     yield _tiny_step(device, amp_dtype("auto", device))
+
+
+def _distributed() -> Check:
+    """The torch.distributed backends torchrun can use here: gloo (CPU), NCCL (CUDA), MPI."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False, "distributed", "this torch build has no torch.distributed: one process only"
+    found = [
+        name
+        for name, ok in (
+            ("gloo (CPU)", dist.is_gloo_available()),
+            ("nccl (CUDA)", dist.is_nccl_available()),
+            ("mpi", dist.is_mpi_available()),
+        )
+        if ok
+    ]
+    return bool(found), "distributed", ", ".join(found) or "no backend"
 
 
 def _embedded_model() -> Iterator[Check]:

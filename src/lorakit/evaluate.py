@@ -12,6 +12,7 @@ from torch import nn
 
 from lorakit.batches import run_logits, torch_logits_fn
 from lorakit.data import Encoded
+from lorakit.distributed import World
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -53,6 +54,32 @@ def evaluate(
 ) -> dict[str, float]:
     """``loss`` plus ``classification_metrics`` of the model on ``data``."""
     return logits_metrics(predict_logits(model, data, batch_size, device, amp_dtype), data.labels)
+
+
+def evaluate_shared(
+    model: nn.Module,
+    data: Encoded,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    world: World,
+) -> dict[str, float]:
+    """``evaluate`` with the rows split over the processes of ``world``; every process gets
+    the metrics of the whole set.
+
+    Each process runs every ``world.size``-th row by length (equal work), the logits are summed
+    over the processes (each row is non-zero on one process only, so the sum is exact), and
+    the metrics come from all the logits: the same as one process, whatever the split.
+    """
+    if world.size == 1:
+        return evaluate(model, data, batch_size, device, amp_dtype)
+    rows = np.argsort(-data.lengths, kind="stable")[world.rank :: world.size]
+    config: Any = model.config  # a transformers classifier's
+    logits = torch.zeros(len(data), config.num_labels)
+    if len(rows):
+        part = predict_logits(model, data.take(rows), batch_size, device, amp_dtype)
+        logits[torch.from_numpy(rows)] = torch.from_numpy(part)
+    return logits_metrics(world.sum(logits).numpy(), data.labels)
 
 
 def logits_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LoraKitError
-from lorakit.lora import LinearWithLoRA
+from lorakit.lora import DEFAULT_ADAPTER, LinearWithLoRA
 
 # Task heads, trained in full and saved with the adapter (RoBERTa's is `classifier` too).
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
@@ -74,10 +74,16 @@ def apply_lora_to_model(
     rank: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> list[str]:
     """Wrap every targeted linear layer in ``LinearWithLoRA``, in place.
 
     Layers already wrapped are left alone, so applying twice never stacks LoRA.
+
+    Args:
+        use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+        use_dora: DoRA, a trainable magnitude per output row on top of LoRA.
 
     Returns:
         The names of the modules that were replaced by this call.
@@ -87,7 +93,36 @@ def apply_lora_to_model(
         module = model.get_submodule(name)
         if isinstance(module, LinearWithLoRA):
             continue
-        set_submodule(model, name, LinearWithLoRA(module, rank, alpha, dropout))
+        wrapper = LinearWithLoRA(
+            module, rank, alpha, dropout, use_rslora=use_rslora, use_dora=use_dora
+        )
+        set_submodule(model, name, wrapper)
+        replaced.append(name)
+    return replaced
+
+
+IA3_TARGETS = ["key", "value", "output.dense"]  # PEFT's default for BERT-family models
+IA3_FEEDFORWARD = ["output.dense"]
+
+
+def apply_ia3_to_model(
+    model: nn.Module,
+    target_modules: Targets = tuple(IA3_TARGETS),
+    feedforward_modules: Targets = tuple(IA3_FEEDFORWARD),
+) -> list[str]:
+    """Wrap every targeted layer with an IA³ vector (input-side on ``feedforward_modules``).
+
+    Returns:
+        The names of the modules that were replaced by this call.
+    """
+    replaced = []
+    for name in find_target_modules(model, target_modules):
+        module = model.get_submodule(name)
+        if isinstance(module, LinearWithLoRA):
+            continue
+        wrapper = LinearWithLoRA(module, None)
+        wrapper.add_ia3(DEFAULT_ADAPTER, matches_target(name, feedforward_modules))
+        set_submodule(model, name, wrapper)
         replaced.append(name)
     return replaced
 

@@ -1,10 +1,17 @@
-"""The LoRA math: a low-rank update and a wrapper that adds it to a frozen linear layer.
+"""The adapter math: LoRA (with rsLoRA and DoRA), IA³, and the wrapper that adds them to a layer.
 
-    y = x Wᵀ + b + (alpha / rank) · dropout(x) Aᵀ Bᵀ        A: (rank, in), B: (out, rank)
+    LoRA    y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ      A: (rank, in), B: (out, rank), s = alpha/rank
+    rsLoRA  the same with s = alpha / sqrt(rank)
+    DoRA    y = x Wᵀ + b + (m/‖W + sBA‖ − 1) · x Wᵀ + (m/‖W + sBA‖) · s · x Aᵀ Bᵀ
+            m: (out,) starts at the row norms ‖W‖, so the output starts unchanged; the norm
+            (per output row) is a constant for backward, as in the DoRA paper and PEFT
+    IA³     y = (x Wᵀ + b) · l  on key/value (l: (out, 1)),  y = (x · l) Wᵀ + b  on the
+            feed-forward output layer (l: (1, in)); l starts at ones
 
 A starts kaiming-uniform and B at zero, so a freshly wrapped layer computes exactly what the
-base layer did. The LoRA tensors of a layer live in a ``ModuleDict`` keyed by adapter name, so
-one base layer can carry several adapters; one of them (or none) is active at a time.
+base layer did. The adapters of a layer live in a ``ModuleDict`` keyed by adapter name, so one
+base layer can carry several; one of them (or none) is active at a time, or, in a mixed batch,
+each adapter owns some rows (``Router``).
 """
 
 from __future__ import annotations
@@ -31,29 +38,49 @@ class Router:
 
 
 class LoRALayer(nn.Module):
-    """The low-rank update ``(alpha/rank) * B(A(dropout(x)))``."""
+    """The low-rank update ``scaling * B(A(dropout(x)))``, optionally rsLoRA- or DoRA-scaled."""
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.rank = rank
-        self.alpha = alpha
-        self.scaling = alpha / rank
+        self.use_rslora = use_rslora
+        self.set_alpha(alpha)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # DoRA's magnitude: set to the base weight's row norms by ``init_magnitude``.
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features)) if use_dora else None
         # Same init as nn.Linear, so the update starts at zero but A still gets gradients.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(self.rank) if self.use_rslora else alpha / self.rank
+
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """``A(dropout(x))``: (*, in) -> (*, rank)."""
+        return F.linear(self.dropout(self._cast(x)), self.lora_A)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
         # Outside autocast, run in the (fp32) LoRA dtype even if x is bf16/fp16.
         if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)
-        return F.linear(self.dropout(x), self.lora_A)
+            return x.to(self.lora_A.dtype)
+        return x
 
     def scaled_B(self) -> torch.Tensor:
         """``scaling * B`` (out, rank): scaling the small matrix, not the activations."""
@@ -66,22 +93,65 @@ class LoRALayer(nn.Module):
         """``scaling * B @ A`` in fp32, shape (out, in)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    @torch.no_grad()
+    def init_magnitude(self, weight: torch.Tensor) -> None:
+        """DoRA: m = ‖W + sBA‖ per output row (‖W‖ while B is zero); ``weight`` is (out, in)."""
+        assert self.lora_magnitude_vector is not None
+        norm = (weight.float() + self.delta_weight()).norm(p=2, dim=1)
+        self.lora_magnitude_vector.copy_(norm)
+
+    def dora_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA: m / ‖W + sBA‖ per output row, the norm detached (a constant for backward)."""
+        assert self.lora_magnitude_vector is not None
+        delta = self.delta_weight().detach()
+        norm = (weight.float() + delta).norm(p=2, dim=1).detach()
+        return self.lora_magnitude_vector / norm  # (out,)
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under PEFT's key suffixes."""
+        out: dict[str, torch.Tensor] = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        if self.lora_magnitude_vector is not None:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return out
+
+
+class IA3Layer(nn.Module):
+    """IA³'s learned vector: scales the layer's output, or (feed-forward) its input."""
+
+    def __init__(self, in_features: int, out_features: int, feedforward: bool) -> None:
+        super().__init__()
+        self.feedforward = feedforward
+        shape = (1, in_features) if feedforward else (out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape))
+
+    def vector(self) -> torch.Tensor:
+        """(in,) for a feed-forward layer, else (out,)."""
+        return self.ia3_l.flatten()
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l}
+
+
+Adapter = LoRALayer | IA3Layer
+
 
 class LinearWithLoRA(nn.Module):
-    """``base_layer(x) + lora(x)`` around an existing ``nn.Linear`` or GPT-2 ``Conv1D``.
+    """``base_layer(x)`` plus the active adapter, around an ``nn.Linear`` or GPT-2 ``Conv1D``.
 
     The base layer is kept by reference (its weight is not copied) under ``base_layer``, as
     in PEFT. Merging folds the active adapter into the base weight; a merged layer skips the
-    LoRA branch.
+    adapter branch. ``rank=None`` wraps without adding an adapter.
     """
 
     def __init__(
         self,
         linear: nn.Module,
-        rank: int,
-        alpha: float,
+        rank: int | None,
+        alpha: float = 8.0,
         dropout: float = 0.0,
         adapter_name: str = DEFAULT_ADAPTER,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(linear, (nn.Linear, Conv1D)):
@@ -98,28 +168,60 @@ class LinearWithLoRA(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
+        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.disabled = False
         self.router: Router | None = None  # set for mixed-adapter batches (lorakit.multi)
-        self.add_adapter(adapter_name, rank, alpha, dropout)
+        if rank is not None:
+            self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, use_dora)
         self._freeze_linear()
 
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0) -> LoRALayer:
-        """Add a (zero-initialised) adapter under ``name`` and make it active."""
-        layer = LoRALayer(self.in_features, self.out_features, rank, alpha, dropout)
+    # -- adapters ---------------------------------------------------------------------------
+
+    def weight(self) -> torch.Tensor:
+        """The base weight as (out, in), whatever the layer's own layout (a view)."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _register(self, name: str, layer: Adapter) -> None:
         layer.to(self.base_layer.weight.device)
         self.adapters[name] = layer
         if self.merged_adapter is None:
             self.active_adapter = name
+
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> LoRALayer:
+        """Add a (zero-update) LoRA adapter under ``name`` and make it active."""
+        if use_dora and self.fan_in_fan_out:
+            raise TypeError("DoRA on GPT-2's Conv1D layers is not implemented in lorakit")
+        layer = LoRALayer(
+            self.in_features, self.out_features, rank, alpha, dropout, use_rslora, use_dora
+        )
+        if use_dora:
+            layer.init_magnitude(self.weight())
+        self._register(name, layer)
         return layer
 
-    def adapter(self, name: str) -> LoRALayer:
+    def add_ia3(self, name: str, feedforward: bool) -> IA3Layer:
+        """Add an IA³ adapter (vector of ones) under ``name`` and make it active."""
+        layer = IA3Layer(self.in_features, self.out_features, feedforward)
+        self._register(name, layer)
+        return layer
+
+    def adapter(self, name: str) -> Adapter:
         """The adapter called ``name``."""
         layer = self.adapters[name]
-        assert isinstance(layer, LoRALayer)
+        assert isinstance(layer, (LoRALayer, IA3Layer))
         return layer
 
     @property
-    def lora(self) -> LoRALayer:
+    def lora(self) -> Adapter:
         """The active adapter."""
         if self.active_adapter is None:
             raise RuntimeError("no active adapter")
@@ -133,50 +235,106 @@ class LinearWithLoRA(nn.Module):
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
 
+    # -- forward ----------------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.router is not None and self.router.routes is not None:
-            return self._mixed(x, out, self.router.routes)
+            return self._mixed(x, self.router.routes)
         if self.disabled or self.merged or self.active_adapter is None:
-            return out
-        lora = self.lora
-        h = lora.down(x)  # (*, rank)
+            return self.base_layer(x)
+        adapter = self.lora
+        if isinstance(adapter, IA3Layer):
+            return self._ia3(adapter, x)
+        out = self.base_layer(x)
+        if adapter.use_dora:
+            return out + self._dora_delta(adapter, x, out)
+        h = adapter.down(x)  # (*, rank)
         if h.dtype != out.dtype:  # bf16/fp16 base outside autocast: keep the LoRA math in fp32
-            return out + F.linear(h, lora.scaled_B()).to(out.dtype)
+            return out + F.linear(h, adapter.scaled_B()).to(out.dtype)
         # out + h (sB)ᵀ in one fused matmul-add instead of a matmul then an add.
         flat = torch.addmm(
-            out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), lora.scaled_B().T
+            out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), adapter.scaled_B().T
         )
         return flat.view(out.shape)
 
-    def _mixed(self, x: torch.Tensor, out: torch.Tensor, routes: Routes) -> torch.Tensor:
-        """Each row slice gets its own adapter's update; the base matmul ran once for all.
+    def _ia3(self, adapter: IA3Layer, x: torch.Tensor) -> torch.Tensor:
+        if adapter.feedforward:
+            return self.base_layer(x * adapter.vector().to(x.dtype))
+        out = self.base_layer(x)
+        return out * adapter.vector().to(out.dtype)
+
+    def _dora_delta(self, lora: LoRALayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to ``out`` (= base_layer(x), bias included)."""
+        weight = self.weight()
+        scale = lora.dora_scale(weight)  # (out,)
+        xd = lora.dropout(lora._cast(x))
+        up = F.linear(F.linear(xd, lora.lora_A), lora.scaled_B())
+        if isinstance(lora.dropout, nn.Identity):  # x Wᵀ is already in out
+            bias = self.base_layer.bias
+            base = out if bias is None else out - bias
+        else:  # dropout changed the input: x Wᵀ of the dropped-out input
+            base = F.linear(xd, weight.to(xd.dtype))
+        return ((scale - 1) * base + scale * up).to(out.dtype)
+
+    def _mixed(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Each row slice gets its own adapter; the base matmul runs once for all rows.
 
         Rows come grouped by adapter (``routes``: adapter name -> contiguous row slice), so
-        every adapter's update is two small matmuls on a view: no gather, no scatter.
+        every adapter's update works on a view: no gather, no scatter. A feed-forward IA³
+        adapter scales its rows' input before the shared matmul.
         """
         if self.merged:
             raise RuntimeError("mixed-adapter batches need unmerged weights")
+        scaled_input = x
+        for name, rows in routes:
+            adapter = self.adapter(name) if name in self.adapters else None
+            if isinstance(adapter, IA3Layer) and adapter.feedforward:
+                if scaled_input is x:
+                    scaled_input = x.clone()
+                scaled_input[rows] *= adapter.vector().to(x.dtype)
+        out = self.base_layer(scaled_input)
         for name, rows in routes:
             if name not in self.adapters:  # this adapter does not adapt this layer
                 continue
-            lora = self.adapter(name)
+            adapter = self.adapter(name)
             part = out[rows]  # (n_rows, *, out), a view
-            h = lora.down(x[rows])  # (n_rows, *, rank)
-            part += F.linear(h, lora.scaled_B()).to(part.dtype)
+            if isinstance(adapter, IA3Layer):
+                if not adapter.feedforward:
+                    part *= adapter.vector().to(part.dtype)
+            elif adapter.use_dora:
+                part += self._dora_delta(adapter, x[rows], part)
+            else:
+                part += F.linear(adapter.down(x[rows]), adapter.scaled_B()).to(part.dtype)
         return out
 
-    def _delta_for_base(self, name: str) -> torch.Tensor:
-        delta = self.adapter(name).delta_weight()
-        return delta.T if self.fan_in_fan_out else delta
+    # -- merging ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def merge_weights(self) -> None:
-        """Fold the active adapter into the base weight (fp32 math, cast back). Idempotent."""
+        """Fold the active adapter into the base weight (fp32 math, cast back). Idempotent.
+
+        LoRA adds ``sBA`` (and unmerging subtracts it); DoRA and IA³ rescale the weight, so the
+        original is kept aside and unmerging restores it exactly.
+        """
         if self.merged or self.active_adapter is None:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() + self._delta_for_base(self.active_adapter)).to(w.dtype))
+        adapter = self.lora
+        w, bias = self.weight(), self.base_layer.bias
+        if isinstance(adapter, LoRALayer) and not adapter.use_dora:
+            w.copy_((w.float() + adapter.delta_weight()).to(w.dtype))
+        else:
+            self._unmerged = (w.detach().clone(), None if bias is None else bias.detach().clone())
+            if isinstance(adapter, IA3Layer):
+                v = adapter.vector().float()
+                if adapter.feedforward:
+                    w.copy_((w.float() * v[None, :]).to(w.dtype))
+                else:
+                    w.copy_((w.float() * v[:, None]).to(w.dtype))
+                    if bias is not None:
+                        bias.copy_((bias.float() * v).to(bias.dtype))
+            else:
+                scale = adapter.dora_scale(w).float()
+                w.copy_((scale[:, None] * (w.float() + adapter.delta_weight())).to(w.dtype))
         self.merged_adapter = self.active_adapter
 
     @torch.no_grad()
@@ -184,8 +342,16 @@ class LinearWithLoRA(nn.Module):
         """Take the merged adapter back out of the base weight. Idempotent."""
         if self.merged_adapter is None:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self._delta_for_base(self.merged_adapter)).to(w.dtype))
+        adapter = self.adapter(self.merged_adapter)
+        w = self.weight()
+        if self._unmerged is not None:
+            weight, bias = self._unmerged
+            w.copy_(weight)
+            if bias is not None and self.base_layer.bias is not None:
+                self.base_layer.bias.copy_(bias)
+            self._unmerged = None
+        elif isinstance(adapter, LoRALayer):
+            w.copy_((w.float() - adapter.delta_weight()).to(w.dtype))
         self.merged_adapter = None
 
     def extra_repr(self) -> str:

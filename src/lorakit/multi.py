@@ -20,11 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.adapter import lora_plan, read_adapter_config, read_adapter_weights
+from lorakit.adapter import (
+    LAYER_TENSOR,
+    attach,
+    lora_plan,
+    read_adapter_config,
+    read_adapter_weights,
+)
 from lorakit.data import DEFAULT_MAX_LENGTH, adapter_text_columns
 from lorakit.errors import LoraKitError
 from lorakit.inject import find_heads, lora_layers, set_submodule
-from lorakit.lora import LinearWithLoRA, Router, Routes
+from lorakit.lora import Router, Routes
 from lorakit.models import load_model, load_tokenizer
 
 
@@ -38,7 +44,8 @@ class ServedAdapter:
     text_columns: tuple[str, ...]
     max_length: int
     task: str | None
-    ranks: tuple[int, ...]  # the distinct LoRA ranks of its layers
+    ranks: tuple[int, ...]  # the distinct LoRA ranks of its layers (none for IA³)
+    variant: str  # LoRA, rsLoRA, DoRA or IA³
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -48,6 +55,7 @@ class ServedAdapter:
             "task": self.task,
             "max_length": self.max_length,
             "ranks": list(self.ranks),
+            "variant": self.variant,
         }
 
 
@@ -118,8 +126,9 @@ class AdapterSet:
         with self.lock:
             plan = lora_plan(self.model, config, state)
             heads = self._check_heads(name, config, state)
-            for target, rank, alpha in plan:
-                self._add_lora(name, target, rank, alpha, state)
+            for wrapper in attach(self.model, plan, config, state, name):
+                wrapper.router = self.router
+                wrapper.requires_grad_(False)
             for head, module in heads.items():
                 self.switches[head].heads[name] = module
         labels = _labels(config, heads)
@@ -130,7 +139,8 @@ class AdapterSet:
             text_columns=adapter_text_columns(config),
             max_length=int(config.get("max_length") or DEFAULT_MAX_LENGTH),
             task=config.get("task"),
-            ranks=tuple(sorted({rank for _, rank, _ in plan})),
+            ranks=tuple(sorted({p.rank for p in plan if p.kind == "lora"})),
+            variant=_variant(config),
         )
         self.adapters[name] = served
         return served
@@ -161,28 +171,12 @@ class AdapterSet:
             heads[head] = module.eval()
         known = {f"{h}.{p}" for h, m in heads.items() for p, _ in m.named_parameters()}
         for key in state:
-            if ".lora_" not in key and key not in known:
+            if not LAYER_TENSOR.match(key) and key not in known:
                 raise LoraKitError(
                     f"adapter {name!r} holds {key!r}, which would change the base model every "
                     "adapter shares (modules_to_save); merge it and serve it on its own"
                 )
         return heads
-
-    def _add_lora(
-        self, name: str, target: str, rank: int, alpha: float, state: dict[str, torch.Tensor]
-    ) -> None:
-        module = self.model.get_submodule(target)
-        if isinstance(module, LinearWithLoRA):
-            lora = module.add_adapter(name, rank, alpha)
-        else:
-            module = LinearWithLoRA(module, rank, alpha, adapter_name=name)
-            module.router = self.router
-            set_submodule(self.model, target, module)
-            lora = module.adapter(name)
-        with torch.no_grad():
-            lora.lora_A.copy_(state[f"{target}.lora_A.weight"])
-            lora.lora_B.copy_(state[f"{target}.lora_B.weight"])
-        lora.requires_grad_(False)
 
     def unload(self, name: str) -> None:
         """Remove an adapter's tensors and head (the caller has let its requests finish)."""
@@ -237,3 +231,9 @@ def _labels(config: dict[str, Any], heads: dict[str, nn.Module]) -> tuple[str, .
     if not n:  # the last parameter of a head is its output layer's bias or weight
         n = int(list(list(heads.values())[-1].parameters())[-1].shape[0])
     return tuple(str(i) for i in range(n))
+
+
+def _variant(config: dict[str, Any]) -> str:
+    if config.get("peft_type") == "IA3":
+        return "IA³"
+    return "DoRA" if config.get("use_dora") else "rsLoRA" if config.get("use_rslora") else "LoRA"

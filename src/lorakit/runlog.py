@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +31,19 @@ class RunLog:
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """On resume: keep only what the checkpoint knew, dropping lines logged after it."""
         write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+class SilentLog(RunLog):
+    """What the other processes of a distributed run keep: rank 0 alone prints and writes."""
+
+    def __init__(self) -> None:
+        super().__init__(Path(os.devnull), Path(os.devnull), quiet=True)
+
+    def line(self, text: str) -> None:
+        pass
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
+        pass

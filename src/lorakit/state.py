@@ -124,11 +124,12 @@ def count_lora_parameters(model: nn.Module) -> dict[str, float]:
     }
 
 
-def format_parameter_stats(stats: dict[str, float]) -> str:
-    """The learning note's "Parameter Statistics" block."""
+def format_parameter_stats(stats: dict[str, float], variant: str | None = None) -> str:
+    """The learning note's "Parameter Statistics" block (naming the variant, when given)."""
+    title = f"📊 Parameter Statistics ({variant}):" if variant else "📊 Parameter Statistics:"
     return "\n".join(
         [
-            "📊 Parameter Statistics:",
+            title,
             f"  Total parameters:      {int(stats['total']):>15,}",
             f"  Trainable parameters:  {int(stats['trainable']):>15,}",
             f"  Frozen parameters:     {int(stats['frozen']):>15,}",
@@ -174,13 +175,14 @@ def unwrap_lora(model: nn.Module) -> None:
 
 
 def get_lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
-    """Everything an adapter holds: LoRA tensors (``<module>.lora_A.weight`` / ``.lora_B.weight``),
-    the head, and every other trainable tensor (see ``trainable_layout``)."""
+    """Everything an adapter holds: its layers' tensors under PEFT's names
+    (``<module>.lora_A.weight``, ``.lora_B.weight``, DoRA's ``.lora_magnitude_vector``, IA³'s
+    ``.ia3_l``), the head, and every other trainable tensor (see ``trainable_layout``)."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        lora = layer.adapter(adapter) if adapter else layer.lora
-        state[f"{name}.lora_A.weight"] = lora.lora_A.detach()
-        state[f"{name}.lora_B.weight"] = lora.lora_B.detach()
+        tensors = (layer.adapter(adapter) if adapter else layer.lora).peft_tensors()
+        for suffix, tensor in tensors.items():
+            state[f"{name}.{suffix}"] = tensor.detach()
     params = dict(model.named_parameters())
     for name in trainable_layout(model).params:
         state[name] = params[name].detach()

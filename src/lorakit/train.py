@@ -31,17 +31,19 @@ from lorakit.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    saved_world_size,
 )
 from lorakit.config import Config, save_config
 from lorakit.data import Encoded, Examples, batch_order, collate, encode, load_examples
+from lorakit.distributed import World, start
 from lorakit.errors import LoraKitError
-from lorakit.evaluate import evaluate
-from lorakit.inject import apply_lora_to_model
+from lorakit.evaluate import evaluate_shared
+from lorakit.inject import apply_ia3_to_model, apply_lora_to_model
 from lorakit.models import canonical_name, load_model, load_tokenizer
 from lorakit.paths import check_writable
 from lorakit.plots import plot_training_curves
 from lorakit.progress import Progress, progress
-from lorakit.runlog import RunLog
+from lorakit.runlog import RunLog, SilentLog
 from lorakit.runtime import amp_dtype, autocast, pick_device
 from lorakit.state import (
     count_lora_parameters,
@@ -117,18 +119,53 @@ def build_model(config: Config, label_names: tuple[str, ...], device: torch.devi
     """The base classifier with LoRA injected and only LoRA + head trainable."""
     lora = config.lora
     model = load_model(config.model_name, dict(enumerate(label_names)))
-    apply_lora_to_model(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout)
+    if lora.variant == "ia3":
+        apply_ia3_to_model(model, lora.target_modules, lora.feedforward_modules)
+    else:
+        apply_lora_to_model(
+            model,
+            lora.target_modules,
+            lora.rank,
+            lora.alpha,
+            lora.dropout,
+            use_rslora=lora.use_rslora,
+            use_dora=lora.variant == "dora",
+        )
     mark_only_lora_as_trainable(model)
     if config.training.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model.to(device)  # type: ignore[arg-type]
 
 
+def param_groups(
+    model: torch.nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float = 0.0
+) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: one, or LoRA+'s three as PEFT's ``create_loraplus_optimizer``.
+
+    LoRA+: ``lora_B`` and every 1-d tensor (biases, LayerNorm weights, DoRA magnitudes) learn
+    at ``lr * loraplus_lr_ratio``, everything else (``lora_A``, head weights) at ``lr``.
+    Weight decay applies to matrices only: unlike PEFT, which also decays DoRA's magnitude
+    (pulling the row norms towards zero), no 1-d tensor is decayed.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not loraplus_lr_ratio:
+        return [{"params": [p for _, p in trainable], "lr": lr, "weight_decay": weight_decay}]
+    fast = [p for n, p in trainable if ".lora_B" in n and p.ndim > 1]
+    fast_no_decay = [p for _, p in trainable if p.ndim == 1]
+    slow = [p for n, p in trainable if ".lora_B" not in n and p.ndim > 1]
+    groups = [
+        {"params": slow, "lr": lr, "weight_decay": weight_decay},
+        {"params": fast, "lr": lr * loraplus_lr_ratio, "weight_decay": weight_decay},
+        {"params": fast_no_decay, "lr": lr * loraplus_lr_ratio, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(config: Config, model: torch.nn.Module, n_train: int) -> tuple[Any, Any, int]:
     """AdamW over the trainable parameters, linear warmup then decay; and the total steps."""
     t = config.training
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    groups = param_groups(model, t.learning_rate, t.weight_decay, config.lora.loraplus_lr_ratio)
+    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
     batches = math.ceil(n_train / t.batch_size)
     total_steps = math.ceil(batches / t.gradient_accumulation_steps) * t.num_epochs
     if t.max_steps:
@@ -138,16 +175,35 @@ def build_optimizer(config: Config, model: torch.nn.Module, n_train: int) -> tup
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Fine-tune as ``config`` says and return the run summary (also written to summary.json)."""
-    out, t = check_output_dir(config), config.training
-    if t.resume:
-        check_resume(_saved_config(out), config.to_dict())
-    device = pick_device(t.device)
+    """Fine-tune as ``config`` says and return the run summary (also written to summary.json).
+
+    Under torchrun every process runs this (``lorakit.distributed``); rank 0 alone writes.
+    """
+    world = start(pick_device(config.training.device))
+    try:
+        return _train(config, world)
+    finally:
+        world.close()
+
+
+def _train(config: Config, world: World) -> dict[str, Any]:
+    out, t = Path(config.training.output_dir), config.training
+    if world.is_main:
+        check_output_dir(config)
+        if t.resume:
+            saved_world = saved_world_size(out / "checkpoint")
+            check_resume(_saved_config(out), config.to_dict(), saved_world, world.size)
+    world.barrier()  # the others read output_dir once rank 0 has checked (and repaired) it
+    device = world.device
     dtype = amp_dtype(t.precision, device)
     seed_everything(t.seed)
     train_ex, train_data, eval_data = load_data(config, load_tokenizer(config.model_name))
     model = build_model(config, train_ex.label_names, device)
-    optimizer, scheduler, total_steps = build_optimizer(config, model, len(train_data))
+    # Each process runs 1/world.size of every global batch: the steps are the global batch's.
+    rows_per_process = math.ceil(len(train_data) / world.size)
+    optimizer, scheduler, total_steps = build_optimizer(config, model, rows_per_process)
+    if world.size > 1:
+        torch.manual_seed(t.seed + world.rank)  # the same LoRA init, other dropout masks
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     run = Run(
         config,
@@ -159,39 +215,47 @@ def train(config: Config) -> dict[str, Any]:
         device,
         dtype,
         train_ex,
+        world,
     )
     stats = count_lora_parameters(model)
-    # Only now, with everything loaded, is an old run's output replaced.
-    if not t.resume:
-        clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out / "training_log.txt", out / "metrics.jsonl")
+    if world.is_main:
+        # Only now, with everything loaded, is an old run's output replaced.
+        if not t.resume:
+            clear_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out / "training_log.txt", out / "metrics.jsonl") if world.is_main else SilentLog()
     state = LoopState()
     if t.resume:
         state, rng = load_checkpoint(out / "checkpoint", run.opt)
-        restore_rng(rng)
+        restore_rng(rng, world.rank)
+        if not state.global_batch:  # written before positions counted steps, not batches
+            state.batch_in_epoch //= _saved_config(out)["training"]["gradient_accumulation_steps"]
         log.rewrite_metrics(state.history)
         log.line(f"↻ Resumed from checkpoint at epoch {state.epoch + 1}, step {state.global_step}")
     else:
-        save_config(config, out / "config.yaml")
+        if world.is_main:
+            save_config(config, out / "config.yaml")
         precision = str(dtype or torch.float32).removeprefix("torch.")
+        processes = f" x {world.size} processes" if world.size > 1 else ""
         log.line(
-            f"🚀 lorakit: {config.model_name} on {_data_name(config)} | device {device} | "
-            f"precision {precision} | {len(train_data):,} train / "
+            f"🚀 lorakit: {config.model_name} on {_data_name(config)} | device {device}"
+            f"{processes} | precision {precision} | {len(train_data):,} train / "
             f"{len(eval_data):,} eval examples"
         )
-        log.line(format_parameter_stats(stats))
+        log.line(format_parameter_stats(stats, config.lora.describe()))
     loop = Loop(run, log, state)
     loop.run()
     loop.save_adapter(out / "final", loop.last_eval)
-    plot_training_curves(state.history, out / "training_curves.png")
     summary = _summary(config, state, stats, loop.last_eval, train_ex.metric)
-    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if world.is_main:
+        plot_training_curves(state.history, out / "training_curves.png")
+        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.line(
         f"✅ Done. Best eval {train_ex.metric} {state.best_metric:.4f} (epoch "
         f"{state.best_epoch}); {summary['train_examples_per_sec']:.1f} examples/s; "
         f"files in {out}"
     )
+    world.barrier()  # every process returns once rank 0's files are complete
     return summary
 
 
@@ -220,6 +284,7 @@ class Run:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None for fp32
     examples: Examples  # the training rows: metric, label names, text columns
+    world: World  # this process's place among torchrun's (World() for one process)
 
 
 def _data_name(config: Config) -> str:
@@ -256,6 +321,8 @@ def _summary(
         "total_params": int(stats["total"]),
         "num_epochs": config.training.num_epochs,
         "batch_size": config.training.batch_size,
+        "processes": state.world_size,
+        "global_batch": state.global_batch,
         "learning_rate": config.training.learning_rate,
     }
 
@@ -271,11 +338,18 @@ class Loop:
         self.train_data, self.eval_data = run.train_data, run.eval_data
         self.device, self.dtype, self.out = run.device, run.dtype, run.out
         self.metric, self.total_steps = run.examples.metric, run.total_steps
+        self.world, self.ddp = run.world, run.world.wrap(self.model)  # ddp: what trains
+        state.world_size = self.world.size
+        state.global_batch = (
+            self.t.batch_size * self.world.size * self.t.gradient_accumulation_steps
+        )
         self.stop_requested = False
         self.last_eval: dict[str, float] = state.best_eval
         self.rng_at_step = capture_rng()
-        # loss*n, correct, n of the steps since the last metrics line
-        self.sums = torch.tensor(state.window, device=run.device)
+        # loss*n, correct, n of this process's rows since the last metrics line (the saved
+        # window, summed over the processes, restarts on rank 0)
+        window = state.window if self.world.is_main else [0.0, 0.0, 0.0]
+        self.sums = torch.tensor(window, device=run.device)
         self.runtime_base, self.started = state.runtime_seconds, time.perf_counter()
 
     def _update_runtime(self) -> None:
@@ -304,59 +378,60 @@ class Loop:
         s, t = self.state, self.t
         self.model.train()
         while s.epoch < t.num_epochs and not self._done():
-            batches = batch_order(
-                self.train_data.lengths, t.batch_size, t.seed, s.epoch, t.group_by_length
+            # One global batch per optimizer step: its rows depend on the seed, the epoch and
+            # the global batch only, not on how processes and accumulation split it.
+            steps = batch_order(
+                self.train_data.lengths, self.state.global_batch, t.seed, s.epoch, t.group_by_length
             )
-            self._epoch(batches)
-            if self.stop_requested:
+            self._epoch(steps)
+            if self.world.any(self.stop_requested):
                 self._checkpoint()
                 raise Interrupted(
                     f"interrupted at step {s.global_step}; continue with "
                     f"--resume --output_dir {self.out}"
                 )
-            if s.batch_in_epoch >= len(batches):
+            if s.batch_in_epoch >= len(steps):
                 s.epoch += 1
                 s.batch_in_epoch = 0
                 self._eval(s.epoch)
             elif self._done():
-                self._eval(round(s.epoch + s.batch_in_epoch / len(batches), 4))
+                self._eval(round(s.epoch + s.batch_in_epoch / len(steps), 4))
 
-    def _epoch(self, batches: list[np.ndarray]) -> None:
+    def _epoch(self, steps: list[np.ndarray]) -> None:
         s, t = self.state, self.t
-        accum = t.gradient_accumulation_steps
+        micro = t.batch_size * self.world.size  # rows of one forward/backward, all processes
         bar = progress(
-            len(batches),
+            len(steps),
             f"Epoch {s.epoch + 1}/{t.num_epochs}",
             initial=s.batch_in_epoch,
             leave=False,
+            disable=not self.world.is_main,
         )
         window = [0.0, 0]  # seconds, examples since the last log line
-        while s.batch_in_epoch < len(batches) and not self._done() and not self.stop_requested:
+        stop = False  # agreed by every process, so that all stop after the same step
+        while s.batch_in_epoch < len(steps) and not self._done() and not stop:
             tick = time.perf_counter()
-            end = min(len(batches), (s.batch_in_epoch // accum + 1) * accum)
-            group = batches[s.batch_in_epoch : end]
-            n_group = sum(len(b) for b in group)
-            for b in group:
-                self.sums += self._forward_backward(b, len(b) / n_group)
+            rows = steps[s.batch_in_epoch]
+            group = np.split(rows, range(micro, len(rows), micro))  # accumulation micro-batches
+            for i, b in enumerate(group):
+                with self.world.no_sync(self.ddp, sync=i == len(group) - 1):
+                    self.sums += self._forward_backward(b, len(rows))
             self._optimizer_step()
-            s.batch_in_epoch = end
+            s.batch_in_epoch += 1
             s.global_step += 1
             seconds = time.perf_counter() - tick
-            self._count(seconds, n_group)
+            self._count(seconds, len(rows))
             window[0] += seconds
-            window[1] += n_group
-            bar.update(len(group))
-            epoch = s.epoch + s.batch_in_epoch / len(batches)
-            if s.global_step % t.logging_steps == 0 or s.batch_in_epoch >= len(batches):
+            window[1] += len(rows)
+            bar.update(1)
+            epoch = s.epoch + s.batch_in_epoch / len(steps)
+            if s.global_step % t.logging_steps == 0 or s.batch_in_epoch >= len(steps):
                 self._log_train(window, epoch, bar)
                 self.sums.zero_()
                 window = [0.0, 0]
-            if (
-                t.eval_steps
-                and s.global_step % t.eval_steps == 0
-                and s.batch_in_epoch < len(batches)
-            ):
+            if t.eval_steps and s.global_step % t.eval_steps == 0 and s.batch_in_epoch < len(steps):
                 self._eval(round(epoch, 4))
+            stop = self.world.any(self.stop_requested)
         bar.close()
 
     def _count(self, seconds: float, examples: int) -> None:
@@ -367,17 +442,26 @@ class Loop:
             s.steady_seconds += seconds
             s.steady_examples += examples
 
-    def _forward_backward(self, idx: np.ndarray, weight: float) -> torch.Tensor:
+    def _forward_backward(self, rows: np.ndarray, n_step: int) -> torch.Tensor:
+        """Forward and backward of this process's share of ``rows`` (a micro-batch of every
+        process), its mean loss weighted so that the gradient (summed over micro-batches,
+        averaged over processes by DDP) is that of the mean loss over the step's ``n_step``
+        rows, as one process running them all would get it."""
+        mine = self.world.shard(rows)
+        # A short last batch may leave this process no rows: it still runs one, weighted 0,
+        # since DDP's all-reduce waits for every process's backward.
+        idx = mine if len(mine) else rows[:1]
         batch = {
             k: v.to(self.device, non_blocking=True)
             for k, v in collate(self.train_data, idx).items()
         }
         with autocast(self.device, self.dtype):
-            out = self.model(**batch)
+            out = self.ddp(**batch)
         loss = out.loss.float()
-        self.scaler.scale(loss * weight).backward()
-        n = len(idx)
-        correct = (out.logits.argmax(-1) == batch["labels"]).sum()
+        with self.world.peers():
+            self.scaler.scale(loss * (len(mine) / n_step * self.world.size)).backward()
+        n = len(mine)
+        correct = (out.logits.argmax(-1) == batch["labels"]).sum() * bool(n)
         return torch.stack([loss.detach() * n, correct.float(), loss.new_tensor(float(n))])
 
     def _optimizer_step(self) -> None:
@@ -391,8 +475,14 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         self.rng_at_step = capture_rng()
 
+    def _gather_window(self) -> list[float]:
+        """The window's sums over every process, kept on rank 0 (the others restart at 0)."""
+        total = self.world.sum(self.sums)
+        self.sums.copy_(total if self.world.is_main else torch.zeros_like(total))
+        return total.tolist()
+
     def _log_train(self, window: list, epoch: float, bar: Progress) -> None:
-        loss_sum, correct, n = self.sums.tolist()
+        loss_sum, correct, n = self._gather_window()
         seconds, examples = window
         record = {
             "kind": "train",
@@ -413,8 +503,8 @@ class Loop:
 
     def _eval(self, epoch: float) -> None:
         s = self.state
-        metrics = evaluate(
-            self.model, self.eval_data, self.t.eval_batch_size, self.device, self.dtype
+        metrics = evaluate_shared(
+            self.model, self.eval_data, self.t.eval_batch_size, self.device, self.dtype, self.world
         )
         self.model.train()
         record: dict[str, Any] = {"kind": "eval", "step": s.global_step, "epoch": epoch, **metrics}
@@ -442,6 +532,8 @@ class Loop:
         self._checkpoint()
 
     def save_adapter(self, directory: Path, metrics: dict[str, float]) -> None:
+        if not self.world.is_main:
+            return
         save_adapter(
             self.model,
             directory,
@@ -456,11 +548,14 @@ class Loop:
 
     def _checkpoint(self) -> None:
         self._update_runtime()
-        self.state.window = self.sums.tolist()
-        save_checkpoint(
-            self.out / "checkpoint",
-            self.job.opt,
-            self.state,
-            self.rng_at_step,
-            canonical_name(self.c.model_name),
-        )
+        self.state.window = self._gather_window()
+        rngs = self.world.gather(self.rng_at_step)  # every process's generators
+        if self.world.is_main:
+            save_checkpoint(
+                self.out / "checkpoint",
+                self.job.opt,
+                self.state,
+                {**rngs[0], "ranks": rngs} if len(rngs) > 1 else rngs[0],
+                canonical_name(self.c.model_name),
+            )
+        self.world.barrier()  # no process goes on (or ends) before the checkpoint is whole

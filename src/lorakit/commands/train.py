@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.adapter import read_adapter_config
     from lorakit.config import TrainingSettings, load_config
+    from lorakit.distributed import is_main
     from lorakit.hub import model_card, push_adapter
     from lorakit.train import Interrupted, train
 
@@ -32,8 +33,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(config)
     except Interrupted as e:
-        print(f"lorakit train: {e}")
+        if is_main():
+            print(f"lorakit train: {e}")
         return 130
+    if not is_main():  # under torchrun, rank 0 alone pushes and prints
+        return 0
     t = config.training
     if t.push_to_hub:
         best = Path(t.output_dir) / "best"

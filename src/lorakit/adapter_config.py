@@ -1,0 +1,151 @@
+"""``adapter_config.json``: what lorakit reads, writes and refuses in PEFT's adapter configs.
+
+lorakit implements PEFT's ``LORA`` (plain, rsLoRA, DoRA, per-layer ranks) and ``IA3``. Anything
+whose math differs — initialisations that rewrite the base weights on load (PiSSA, OLoRA,
+CorDA, LoftQ, LoRA-GA), AdaLoRA, the newer LoRA extensions — is refused with one line rather
+than loaded into wrong logits. Keys a newer PEFT adds at their default values load silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from lorakit.atomic import recover
+from lorakit.errors import LoraKitError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+LORAKIT_NAME = "lorakit.json"  # lorakit's own facts (labels, task): PEFT has no key for them
+
+# Keys of PEFT's LoRA and IA³ configs that lorakit reads, or that cannot change the math.
+KNOWN_KEYS = {
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules",
+    "modules_to_save", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "revision",
+    "auto_mapping", "peft_version", "megatron_core", "runtime_config", "eva_config",
+    "corda_config", "qalora_group_size", "ensure_weight_tying", "feedforward_modules",
+    "init_ia3_weights",
+    # lorakit's own, in adapter_config.json before lorakit.json existed
+    "id2label", "label2id", "num_labels", "task", "lorakit_version", "max_length",
+    "text_columns", "metrics",
+}  # fmt: skip
+# Keys that change the math when set; lorakit does not implement them.
+REFUSED_WHEN_SET = {
+    "lora_bias": "LoRA biases (lora_bias)",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+    "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "target_parameters (LoRA on parameters)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing",
+    "exclude_modules": "exclude_modules",
+    "megatron_config": "Megatron layers",
+    "loftq_config": "LoftQ",
+    "lora_ga_config": "LoRA-GA",
+}
+# init_lora_weights values that rewrite the base weights when PEFT loads the adapter.
+REWRITES_BASE = re.compile(r"^(pissa.*|olora|corda|loftq|lora_ga)$")
+OTHER_METHODS = {"ADALORA": "AdaLoRA"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraKitError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise LoraKitError(f"{path} must hold a JSON object")
+    return data
+
+
+def _check_lora(path: Path, config: dict[str, Any]) -> None:
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise LoraKitError(f"{path} lacks the required key {key!r}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and REWRITES_BASE.match(init.lower()):
+        raise LoraKitError(
+            f"{path}: init_lora_weights={init!r} rewrites the base model's weights when PEFT "
+            "loads it; lorakit does not implement that and would give wrong logits"
+        )
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise LoraKitError(f"{path}: {key} must be a mapping of layer patterns to numbers")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise LoraKitError(f"{path}: bias must be none, all or lora_only, not {config['bias']!r}")
+    if config.get("use_dora") and config.get("fan_in_fan_out"):
+        raise LoraKitError(f"{path}: DoRA on GPT-2's Conv1D layers is not implemented in lorakit")
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """``adapter_config.json`` checked, with ``lorakit.json``'s keys (labels, task) merged in.
+
+    Raises:
+        LoraKitError: missing or unreadable, not LoRA/IA³, or using a feature lorakit lacks.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir() and not recover(directory):
+        raise LoraKitError(f"adapter directory {directory} does not exist")
+    if not path.is_file():
+        raise LoraKitError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
+    config = _read_json(path)
+    kind = config.get("peft_type")
+    if kind in OTHER_METHODS:
+        raise LoraKitError(f"{path}: {OTHER_METHODS[kind]} adapters are not implemented in lorakit")
+    if kind not in ("LORA", "IA3"):
+        raise LoraKitError(f"{path} is not a LoRA or IA³ adapter config (peft_type {kind!r})")
+    if kind == "LORA":
+        _check_lora(path, config)
+    elif "target_modules" not in config:
+        raise LoraKitError(f"{path} lacks the required key 'target_modules'")
+    for key, feature in REFUSED_WHEN_SET.items():
+        if config.get(key):
+            raise LoraKitError(f"{path}: {feature} is not implemented in lorakit ({key} is set)")
+    unknown = sorted(k for k in set(config) - KNOWN_KEYS - set(REFUSED_WHEN_SET) if config[k])
+    if unknown:
+        logger.warning("%s: ignoring unknown keys %s", path, ", ".join(unknown))
+    if (directory / LORAKIT_NAME).is_file():
+        config.update(_read_json(directory / LORAKIT_NAME))
+    return config
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's lookup: the first key that full-matches a dotted suffix of ``name``, else default."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def plain_lora_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An rsLoRA config rewritten as plain LoRA with the same scaling (alpha' = alpha·sqrt(r)),
+    for runtimes that ignore ``use_rslora``."""
+    if not config.get("use_rslora"):
+        return dict(config)
+    r, alpha = config["r"], config["lora_alpha"]
+    ranks = config.get("rank_pattern") or {}
+    alphas = config.get("alpha_pattern") or {}
+    # Each layer's alpha' depends on its own rank, so every layer whose rank or alpha differs
+    # from the defaults gets its own alpha_pattern entry.
+    new_alphas = {
+        key: pattern_value(alphas, key, alpha) * pattern_value(ranks, key, r) ** 0.5
+        for key in {*ranks, *alphas}
+    }
+    return {
+        **config,
+        "use_rslora": False,
+        "lora_alpha": alpha * r**0.5,
+        "alpha_pattern": new_alphas,
+    }
