@@ -125,3 +125,9 @@ def test_without_peft_only_the_tests_that_need_it_skip() -> None:
     summary = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert " passed" in summary and " skipped" in summary, summary
+
+
+def test_the_public_names_all_resolve() -> None:
+    assert sorted(lorakit.__all__) == sorted(lorakit._API)
+    for name in lorakit.__all__:
+        assert getattr(lorakit, name).__name__ == name
