@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -88,16 +88,25 @@ def apply_lora_to_model(
     Returns:
         The names of the modules that were replaced by this call.
     """
+    return _wrap_each(
+        model,
+        target_modules,
+        lambda _, module: LinearWithLoRA(
+            module, rank, alpha, dropout, use_rslora=use_rslora, use_dora=use_dora
+        ),
+    )
+
+
+def _wrap_each(
+    model: nn.Module, target_modules: Targets, wrap: Callable[[str, nn.Module], LinearWithLoRA]
+) -> list[str]:
+    """Replace every targeted layer not yet wrapped by ``wrap(name, layer)``; their names."""
     replaced = []
     for name in find_target_modules(model, target_modules):
         module = model.get_submodule(name)
-        if isinstance(module, LinearWithLoRA):
-            continue
-        wrapper = LinearWithLoRA(
-            module, rank, alpha, dropout, use_rslora=use_rslora, use_dora=use_dora
-        )
-        set_submodule(model, name, wrapper)
-        replaced.append(name)
+        if not isinstance(module, LinearWithLoRA):
+            set_submodule(model, name, wrap(name, module))
+            replaced.append(name)
     return replaced
 
 
@@ -115,16 +124,13 @@ def apply_ia3_to_model(
     Returns:
         The names of the modules that were replaced by this call.
     """
-    replaced = []
-    for name in find_target_modules(model, target_modules):
-        module = model.get_submodule(name)
-        if isinstance(module, LinearWithLoRA):
-            continue
+
+    def wrap(name: str, module: nn.Module) -> LinearWithLoRA:
         wrapper = LinearWithLoRA(module, None)
         wrapper.add_ia3(DEFAULT_ADAPTER, matches_target(name, feedforward_modules))
-        set_submodule(model, name, wrapper)
-        replaced.append(name)
-    return replaced
+        return wrapper
+
+    return _wrap_each(model, target_modules, wrap)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LinearWithLoRA]]:

@@ -479,6 +479,13 @@ class GracefulServer(uvicorn.Server):
 def run_server(server: Server, host: str, port: int) -> None:
     """Serve until SIGTERM or Ctrl-C, then return once everything in flight is answered."""
     config = uvicorn.Config(
-        create_app(server), host=host, port=port, log_level="warning", access_log=False
+        create_app(server),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        # Longer than clients' and load balancers' idle timeouts, so the server never closes
+        # a kept-alive connection just as a client sends on it (seen as a ReadError).
+        timeout_keep_alive=75,
     )
     GracefulServer(config).run()
