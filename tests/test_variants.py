@@ -257,3 +257,34 @@ def test_every_command_takes_every_variant(
     assert main(["merge", "--adapter", best, "--out", str(tmp_path / "merged")]) == 0
     assert main(["export", "--adapter", best, "--out", str(tmp_path / "m.onnx")]) == 0
     assert "largest" in capsys.readouterr().out  # both checked against the unmerged model
+
+
+def test_merge_plain_lora_writes_the_equivalent_adapter(tmp_path: Path, capsys, peft) -> None:  # noqa: ANN001
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.cli import main
+
+    ours = _ours("rslora")
+    save_adapter(ours, tmp_path / "a", base_model_name_or_path="tiny")
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(tmp_path / "a"),
+                "--out",
+                str(tmp_path / "p"),
+                "--plain_lora",
+            ]
+        )
+        == 0
+    )
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is False and config["lora_alpha"] == pytest.approx(16)
+    base = AutoModelForSequenceClassification.from_pretrained(_base_dir(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "p").eval()
+    torch.testing.assert_close(_logits(theirs), _logits(ours), atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    args = ["merge", "--adapter", str(tmp_path / "p"), "--out", str(tmp_path / "q"), "--plain_lora"]
+    assert main(args) == 1
+    assert "plain LoRA already" in capsys.readouterr().err

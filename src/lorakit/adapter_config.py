@@ -59,7 +59,7 @@ REWRITES_BASE = re.compile(r"^(pissa.*|olora|corda|loftq|lora_ga)$")
 OTHER_METHODS = {"ADALORA": "AdaLoRA"}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -100,7 +100,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise LoraKitError(f"adapter directory {directory} does not exist")
     if not path.is_file():
         raise LoraKitError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
-    config = _read_json(path)
+    config = read_json(path)
     kind = config.get("peft_type")
     if kind in OTHER_METHODS:
         raise LoraKitError(f"{path}: {OTHER_METHODS[kind]} adapters are not implemented in lorakit")
@@ -117,7 +117,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     if unknown:
         logger.warning("%s: ignoring unknown keys %s", path, ", ".join(unknown))
     if (directory / LORAKIT_NAME).is_file():
-        config.update(_read_json(directory / LORAKIT_NAME))
+        config.update(read_json(directory / LORAKIT_NAME))
     return config
 
 

@@ -122,6 +122,32 @@ def merge_adapter(
     return {"out": str(out), "max_abs_diff": diff}
 
 
+def write_plain_lora(adapter_dir: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Copy an rsLoRA adapter as the equivalent plain LoRA (alpha' = alpha·sqrt(r)), for
+    runtimes that ignore ``use_rslora``; the tensors are unchanged."""
+    import shutil
+
+    from lorakit.adapter import WEIGHTS_NAME
+    from lorakit.adapter_config import (
+        CONFIG_NAME,
+        LORAKIT_NAME,
+        plain_lora_config,
+        read_adapter_config,
+        read_json,
+    )
+
+    if not read_adapter_config(adapter_dir).get("use_rslora"):
+        raise LoraKitError(f"{adapter_dir} is not an rsLoRA adapter: it is plain LoRA already")
+    _check_out(out, overwrite, "dir")
+    config = plain_lora_config(read_json(adapter_dir / CONFIG_NAME))
+    with atomic_dir(out) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in (WEIGHTS_NAME, LORAKIT_NAME):
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, tmp / name)
+    return {"out": str(out), "lora_alpha": config["lora_alpha"]}
+
+
 class _LogitsOnly(nn.Module):
     """The classifier with named tensor inputs and the logits tensor as its only output."""
 

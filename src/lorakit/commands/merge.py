@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write")
     parser.add_argument("--model", help="base model (default: the adapter's)")
     add_bool_flag(parser, "overwrite", "replace a non-empty --out", default=False)
+    parser.add_argument(
+        "--plain_lora",
+        action="store_true",
+        help="instead of merging, write the rsLoRA adapter as the equivalent plain LoRA "
+        "adapter (alpha' = alpha*sqrt(r)) for runtimes that ignore use_rslora",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +41,13 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.export import merge_adapter
 
     hf_logging.disable_progress_bar()
+    if args.plain_lora:
+        from lorakit.export import write_plain_lora
+        from lorakit.hub import resolve_adapter
+
+        done = write_plain_lora(resolve_adapter(args.adapter), args.out, args.overwrite)
+        print(f"✅ Plain LoRA adapter (lora_alpha {done['lora_alpha']:g}) written to {done['out']}")
+        return 0
     result = merge_adapter(args.adapter, args.out, args.model, args.overwrite)
     print(f"✅ Merged model written to {result['out']}")
     print(f"   largest logit difference from the unmerged model: {result['max_abs_diff']:.2e}")
