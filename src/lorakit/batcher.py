@@ -21,6 +21,7 @@ from lorakit.data import Encoded, collate
 from lorakit.multi import AdapterSet
 
 logger = logging.getLogger(__name__)
+MIN_FILL = 0.75  # least share of real (not padding) tokens in a batch of more than one row
 
 
 @dataclass
@@ -91,21 +92,30 @@ class Batcher:
             self.ready.notify()
 
     def _take(self) -> list[Row]:
-        """The oldest row and its nearest neighbours in length, within the token budget."""
+        """The oldest row and its nearest neighbours in length, within the token budget.
+
+        A row joins only while the batch stays at least ``MIN_FILL`` real tokens (the rest is
+        padding): a long row does not make a batch of short ones pad to its length, it waits
+        for the next batch (of rows near its own length) instead.
+        """
         oldest = self.pending[0]
         by_length = sorted(
             self.pending, key=lambda r: abs(len(r.input_ids) - len(oldest.input_ids))
         )
         batch: list[Row] = []
-        width = 0
+        width = tokens = 0
         for row in by_length:
-            new_width = max(width, len(row.input_ids))
-            if batch and new_width * (len(batch) + 1) > self.max_batch_tokens:
-                break
-            if self.max_batch_requests and len(batch) >= self.max_batch_requests:
+            n = len(row.input_ids)
+            new_width = max(width, n)
+            padded = new_width * (len(batch) + 1)
+            if batch and (
+                padded > self.max_batch_tokens
+                or (tokens + n) < MIN_FILL * padded
+                or (self.max_batch_requests and len(batch) >= self.max_batch_requests)
+            ):
                 break
             batch.append(row)
-            width = new_width
+            width, tokens = new_width, tokens + n
         taken = {id(r) for r in batch}
         self.pending = [r for r in self.pending if id(r) not in taken]
         return batch

@@ -166,21 +166,25 @@ class Server:
         limit = min(adapter.max_length, self.max_input_length)
         tokenizer = self.adapters.tokenizer
         columns = list(zip(*rows, strict=True))
-        full = tokenizer(*columns, truncation=False)["input_ids"]
-        too_long = max(len(ids) for ids in full)
-        if too_long > limit and not cut:
-            raise ApiError(
-                413,
-                "validation",
-                f"input validation error: inputs must have at most {limit} tokens, given "
-                f'{too_long}; pass "truncate": true to cut them',
-            )
         side_before = tokenizer.truncation_side
         tokenizer.truncation_side = side
-        try:
+        try:  # one pass; the encodings say which rows it had to cut
             out = tokenizer(*columns, truncation=True, max_length=limit)
         finally:
             tokenizer.truncation_side = side_before
+        if not cut:
+            if out.encodings is not None:
+                over = [i for i, e in enumerate(out.encodings) if e.overflowing]
+            else:
+                over = list(range(len(rows)))
+            longest = max((len(tokenizer(*rows[i])["input_ids"]) for i in over), default=0)
+            if longest > limit:
+                raise ApiError(
+                    413,
+                    "validation",
+                    f"input validation error: inputs must have at most {limit} tokens, given "
+                    f'{longest}; pass "truncate": true to cut them',
+                )
         types = out.get("token_type_ids")
         return [
             (
