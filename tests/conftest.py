@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -87,7 +89,8 @@ FAMILIES: dict[str, tuple[PretrainedConfig, list[str]]] = {
 def make_model(family: str = "bert", seed: int = 0) -> torch.nn.Module:
     config, _ = FAMILIES[family]
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config)
+    # A copy: tests change their model's labels, which must not leak into the next model.
+    model = AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
     return model.eval()
 
 

@@ -70,14 +70,11 @@ def test_mixed_batch_rows_match_each_adapter_alone(served) -> None:  # noqa: ANN
 def test_a_misfit_is_refused_and_the_set_is_untouched(served, tmp_path: Path) -> None:  # noqa: ANN001
     adapters, _ = served
     other = make_base(tmp_path / "wide", hidden=48)
-    bad = make_adapter(tmp_path / "bad", other)
-    # Built on a 48-wide model, but saved by make_adapter from the 32-wide make_model:
-    # rewrite it from a wide model instead.
     from transformers import AutoModelForSequenceClassification
 
-    wide = AutoModelForSequenceClassification.from_pretrained(other)
+    wide = AutoModelForSequenceClassification.from_pretrained(other)  # 48 wide, not 32
     apply_lora_to_model(wide, ["query"], rank=4, alpha=8)
-    save_adapter(wide, bad)
+    bad = save_adapter(wide, tmp_path / "bad")
     before = {n: p.clone() for n, p in adapters.model.named_parameters()}
     with pytest.raises(LoraKitError, match="shape"):
         adapters.load("bad", bad)

@@ -143,7 +143,7 @@ def save_adapter(
     }
     if plain_lora:
         config = plain_lora_config(config)
-    meta: dict[str, Any] = {"task": task, "lorakit_version": _version()}
+    meta: dict[str, Any] = {"task": task, "lorakit_version": lorakit_version()}
     if label_cfg is not None:
         meta["num_labels"] = label_cfg.num_labels
         meta["id2label"] = {str(k): v for k, v in label_cfg.id2label.items()}
@@ -160,7 +160,7 @@ def save_adapter(
     return directory
 
 
-def _version() -> str:
+def lorakit_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -315,7 +315,7 @@ class Server:
         }
 
     def info(self) -> dict[str, Any]:
-        from lorakit.adapter import _version
+        from lorakit.adapter import lorakit_version
 
         default = self.adapters.adapters.get(self.default or "")
         labels = default.labels if default else ()
@@ -337,7 +337,7 @@ class Server:
             "max_client_batch_size": s.max_client_batch_size,
             "auto_truncate": s.auto_truncate,
             "tokenization_workers": 1,
-            "version": _version(),
+            "version": lorakit_version(),
             "sha": None,
             "docker_label": None,
             **self.listing(),
