@@ -35,6 +35,7 @@ LAYERS = {
         "batcher",
         "protocol",
         "serve",
+        "sweep",
     },
     "commands": {"cli", "__main__", "commands"},
 }

@@ -12,14 +12,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.adapter import load_adapter, save_adapter
 from lorakit.atomic import atomic_dir, recover
 from lorakit.errors import LoraKitError
+from lorakit.state import is_lora_param
 
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "optimizer.pt"
+# Without LoRA layers (method head or full) the trained tensors are kept as they are named.
+TRAINED_NAME = "trained.safetensors"
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return any(is_lora_param(name) for name, _ in model.named_parameters())
+
+
+def _save_trained(model: nn.Module, path: Path) -> None:
+    save_file(
+        {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+        str(path),
+    )
+
+
+def _load_trained(model: nn.Module, path: Path) -> None:
+    """Copy the trained tensors back, checked first: every trainable tensor, same shapes."""
+    if not path.is_file():
+        raise LoraKitError(f"nothing to resume: {path} is missing")
+    saved = load_file(str(path))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
+        raise LoraKitError(f"{path} does not hold this model's trainable tensors")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
 
 
 @dataclass
@@ -31,7 +59,8 @@ class LoopState:
     global_step: int = 0  # optimizer steps done
     best_metric: float | None = None
     best_epoch: float = 0
-    best_eval: dict[str, float] = field(default_factory=dict)
+    best_eval: dict[str, float] = field(default_factory=dict)  # validation metrics at best
+    best_dev: dict[str, float] = field(default_factory=dict)  # dev metrics at best (dev_split)
     history: list[dict[str, Any]] = field(default_factory=list)
     # loss*n, correct, n of the steps since the last metrics line (so resume logs the same)
     window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
@@ -78,9 +107,13 @@ def restore_rng(rng: dict[str, Any], rank: int = 0) -> None:
 def save_checkpoint(
     directory: Path, opt: Optimization, state: LoopState, rng: dict[str, Any], base_model: str
 ) -> None:
-    """Write the checkpoint atomically: adapter, optimizer, scheduler, scaler, RNG, position."""
+    """Write the checkpoint atomically: adapter (or, without LoRA layers, the trained tensors),
+    optimizer, scheduler, scaler, RNG, position."""
     with atomic_dir(directory) as tmp:
-        save_adapter(opt.model, tmp / "adapter", base_model_name_or_path=base_model)
+        if _has_lora(opt.model):
+            save_adapter(opt.model, tmp / "adapter", base_model_name_or_path=base_model)
+        else:
+            _save_trained(opt.model, tmp / TRAINED_NAME)
         torch.save(
             {
                 "optimizer": opt.optimizer.state_dict(),
@@ -98,7 +131,10 @@ def load_checkpoint(directory: Path, opt: Optimization) -> tuple[LoopState, dict
     recover(directory)  # a crash mid-swap left the previous checkpoint aside: put it back
     if not (directory / STATE_NAME).is_file():
         raise LoraKitError(f"nothing to resume: {directory} holds no checkpoint")
-    load_adapter(opt.model, directory / "adapter")
+    if _has_lora(opt.model):
+        load_adapter(opt.model, directory / "adapter")
+    else:
+        _load_trained(opt.model, directory / TRAINED_NAME)
     # weights_only: plain tensors and containers, no arbitrary pickled objects.
     blob = torch.load(directory / TENSORS_NAME, weights_only=True)
     opt.optimizer.load_state_dict(blob["optimizer"])

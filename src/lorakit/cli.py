@@ -25,6 +25,7 @@ COMMANDS = {
     "merge": "lorakit.commands.merge",
     "export": "lorakit.commands.export",
     "serve": "lorakit.commands.serve",
+    "sweep": "lorakit.commands.sweep",
 }
 
 

@@ -117,6 +117,12 @@ class TrainingSettings:
     logging_steps: int = _help("write a metrics.jsonl line every N steps", default=50)
     max_train_samples: int = _help("use only the first N training rows (0 = all)", default=0)
     max_eval_samples: int = _help("use only the first N evaluation rows (0 = all)", default=0)
+    dev_split: float = _help(
+        "hold out training rows as a dev set that chooses best/ (and ranks sweeps): a fraction "
+        "(< 1) or a row count (>= 1); the validation split is then only reported. 0 = none: "
+        "the validation split chooses",
+        default=0.0,
+    )
     output_dir: str = _help("where the run's files are written", default="output")
     overwrite: bool = _help("allow writing into a non-empty output_dir", default=False)
     resume: bool = _help("continue from output_dir/checkpoint", default=False)
@@ -141,6 +147,12 @@ class TrainingSettings:
         _require(0 <= self.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)")
         for name in ("max_steps", "eval_steps", "max_train_samples", "max_eval_samples"):
             _require(getattr(self, name) >= 0, f"training.{name} must be >= 0")
+        _require(
+            self.dev_split == 0 or 0 < self.dev_split < 1 or float(self.dev_split).is_integer(),
+            f"training.dev_split must be 0, a fraction in (0, 1) or a whole row count, "
+            f"got {self.dev_split}",
+        )
+        _require(self.dev_split >= 0, f"training.dev_split must be >= 0, got {self.dev_split}")
         _require(self.max_grad_norm >= 0, "training.max_grad_norm must be >= 0")
         _require(
             not self.push_to_hub or bool(self.hub_model_id),
@@ -170,6 +182,12 @@ class Config:
         "transformers model name or directory; minilm is built in", default="minilm"
     )
     num_labels: int = _help("number of classes (0 = from the task or data)", default=0)
+    method: Literal["lora", "head", "full"] = _help(
+        "what trains: lora (the lora: settings, plus the task head), head (the task head only: "
+        "a baseline), full (every weight: full fine-tuning). head and full write whole "
+        "transformers model directories to best/ and final/, not adapters",
+        default="lora",
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     data: DataSettings = field(default_factory=DataSettings)

@@ -23,6 +23,9 @@ from lorakit.errors import LoraKitError
 
 Metric = Literal["accuracy", "f1", "matthews"]
 DEFAULT_MAX_LENGTH = 128  # tokens per text when an adapter does not say
+# The dev set's rows depend on this and the data only: every seed of a sweep (whose training
+# seed changes dropout, order and init) is chosen on the same held-out rows.
+DEV_SEED = 20240229
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,32 @@ class Examples:
         return Examples(
             self.texts[:n], self.labels[:n], self.label_names, self.text_columns, self.metric
         )
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Examples:
+        return Examples(
+            [self.texts[i] for i in idx],
+            [self.labels[i] for i in idx],
+            self.label_names,
+            self.text_columns,
+            self.metric,
+        )
+
+
+def hold_out(examples: Examples, size: float) -> tuple[Examples, Examples]:
+    """Split off a dev set: ``size`` rows (``>= 1``) or that fraction (``< 1``) of them.
+
+    The dev rows are a seeded random draw (``DEV_SEED``, not the training seed); the training
+    rows keep their file order, so ``head(n)`` afterwards still takes the first rows.
+    """
+    n = len(examples)
+    count = int(size) if size >= 1 else round(size * n)
+    if not 1 <= count < n:
+        raise LoraKitError(
+            f"dev_split {size:g} leaves no dev or no training rows of the {n:,} training rows"
+        )
+    dev = np.sort(np.random.default_rng(DEV_SEED).permutation(n)[:count])
+    keep = np.setdiff1d(np.arange(n), dev, assume_unique=True)
+    return examples.take(keep), examples.take(dev)
 
 
 def data_dir(settings: DataSettings) -> Path | None:

@@ -103,15 +103,14 @@ def evaluate_adapter(
     adapter_dir: Path, split: Literal["train", "validation"], overrides: dict[str, Any]
 ) -> dict[str, Any]:
     """Metrics of a saved adapter on a split of its task (or of ``--validation_file``)."""
-    from lorakit.adapter import read_adapter_config
     from lorakit.config import load_config
     from lorakit.data import encode, load_examples
     from lorakit.hub import resolve_adapter
-    from lorakit.models import load_adapted_model
+    from lorakit.models import load_adapted_model, read_saved_config
     from lorakit.runtime import amp_dtype, pick_device
 
     adapter_dir = resolve_adapter(adapter_dir)  # a directory, or a Hub id fetched to the cache
-    overrides = _task_overrides(read_adapter_config(adapter_dir), overrides)
+    overrides = _task_overrides(read_saved_config(adapter_dir), overrides)
     config = load_config(None, overrides)
     t = config.training
     device = pick_device(t.device)

@@ -130,12 +130,15 @@ def load_adapted_model(
     """Base model + adapter (+ its head and label maps), with the base model's tokenizer.
 
     ``adapter_dir`` may also be a Hub id (``owner/name``); ``model_name`` defaults to the
-    adapter's ``base_model_name_or_path``.
+    adapter's ``base_model_name_or_path``. A whole model directory (``lorakit merge``'s, or
+    best/ of a ``method: head`` or ``full`` run) loads as it is; ``model_name`` is ignored.
     """
     from lorakit.adapter import load_adapter, read_adapter_config
     from lorakit.hub import resolve_adapter
 
     adapter_dir = resolve_adapter(adapter_dir)
+    if is_model_dir(adapter_dir):
+        return _load_whole(Path(adapter_dir), device)
     config = read_adapter_config(adapter_dir)
     name = model_name or config.get("base_model_name_or_path")
     if not name:
@@ -146,6 +149,58 @@ def load_adapted_model(
     tokenizer = load_tokenizer(name)
     model = load_model(name, id2label)
     load_adapter(model, adapter_dir)
+    if device is not None:
+        model.to(device)  # type: ignore[arg-type]
+    return model.eval(), tokenizer, config
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: str | Path,
+    extra: dict | None = None,
+) -> None:
+    """A whole classifier as a plain transformers directory (weights, config, tokenizer), plus
+    lorakit's facts about it (metrics, max length) in ``lorakit.json``; written atomically."""
+    import json
+
+    from lorakit.adapter_config import LORAKIT_NAME
+    from lorakit.atomic import atomic_dir
+
+    with atomic_dir(Path(directory)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / LORAKIT_NAME).write_text(json.dumps(extra or {}, indent=2, sort_keys=True) + "\n")
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """A transformers model directory rather than an adapter (config.json, no adapter config)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
+def read_saved_config(directory: str | Path) -> dict:
+    """An adapter's config (with lorakit.json), or a whole model directory's lorakit.json."""
+    from lorakit.adapter_config import LORAKIT_NAME, read_adapter_config, read_json
+
+    directory = Path(directory)
+    if not is_model_dir(directory):
+        return read_adapter_config(directory)
+    meta = directory / LORAKIT_NAME
+    return read_json(meta) if meta.is_file() else {}
+
+
+def _load_whole(
+    directory: Path, device: torch.device | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise LoraKitError(f"cannot load model {directory}: {str(e).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(str(directory))
+    config = read_saved_config(directory)
+    config.setdefault("base_model_name_or_path", str(directory))
+    config.setdefault("id2label", {str(k): v for k, v in model.config.id2label.items()})
     if device is not None:
         model.to(device)  # type: ignore[arg-type]
     return model.eval(), tokenizer, config

@@ -65,3 +65,46 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     if dtype is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+SERVE_MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def pin_mmap_threshold(size: int = SERVE_MMAP_THRESHOLD) -> bool:
+    """Pin glibc's mmap threshold so that blocks of ``size`` bytes or more (a batch's
+    activations) are mapped on allocation and returned to the system when freed.
+
+    glibc raises the threshold each time such a block is freed, after which activations of
+    ever-changing batch shapes come from the heap and fragment it: a server's memory then grows
+    with every new shape. Does nothing (False) off glibc or when ``MALLOC_MMAP_THRESHOLD_``
+    is set in the environment (the user's choice wins).
+    """
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, size))
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``); False off glibc.
+
+    Freed activations of past batches otherwise stay in the process as free heap pages,
+    scattered between live blocks where the heap cannot shrink past them.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -60,7 +60,7 @@ from lorakit.protocol import (
 class ServeSettings:
     """The server's flags, with TEI's names and defaults where TEI has them."""
 
-    model: str = "minilm"
+    model: str = ""  # "": the first adapter's base model (minilm with --adapter_dir alone)
     adapters: list[tuple[str, str]] = field(default_factory=list)  # (name, directory)
     adapter_dir: str | None = None  # the only place runtime loads may read from
     default_adapter: str | None = None
@@ -452,13 +452,36 @@ def build_server(settings: ServeSettings) -> Server:
         raise LoraKitError(f"--adapter_dir {settings.adapter_dir} is not a directory")
     from lorakit.hub import resolve_adapter
 
-    adapters = AdapterSet(settings.model)
+    resolved = []
     for name, directory in settings.adapters:
         try:
-            adapters.load(name, resolve_adapter(directory))
+            resolved.append((name, directory, resolve_adapter(directory)))
+        except LoraKitError as e:
+            raise LoraKitError(f"--adapter {name}={directory}: {e}") from None
+    model = settings.model or _base_of(resolved)
+    adapters = AdapterSet(model)
+    for name, directory, path in resolved:
+        try:
+            adapters.load(name, path)
         except LoraKitError as e:
             raise LoraKitError(f"--adapter {name}={directory}: {e}") from None
     return Server(settings, adapters)
+
+
+def _base_of(adapters: list[tuple[str, str, Path]]) -> str:
+    """The base model the first adapter names (``minilm`` when there is none)."""
+    from lorakit.adapter import read_adapter_config
+
+    if not adapters:
+        return "minilm"
+    name, directory, path = adapters[0]
+    try:
+        base = read_adapter_config(path).get("base_model_name_or_path")
+    except LoraKitError as e:
+        raise LoraKitError(f"--adapter {name}={directory}: {e}") from None
+    if not base:
+        raise LoraKitError(f"--adapter {name}={directory} names no base model; pass --model")
+    return str(base)
 
 
 class GracefulServer(uvicorn.Server):

@@ -34,12 +34,12 @@ from lorakit.checkpoint import (
     saved_world_size,
 )
 from lorakit.config import Config, save_config
-from lorakit.data import Encoded, Examples, batch_order, collate, encode, load_examples
+from lorakit.data import Encoded, Examples, batch_order, collate, encode, hold_out, load_examples
 from lorakit.distributed import World, start
 from lorakit.errors import LoraKitError
 from lorakit.evaluate import evaluate_shared
 from lorakit.inject import apply_ia3_to_model, apply_lora_to_model
-from lorakit.models import canonical_name, load_model, load_tokenizer
+from lorakit.models import canonical_name, load_model, load_tokenizer, save_model
 from lorakit.paths import check_writable
 from lorakit.plots import plot_training_curves
 from lorakit.progress import Progress, progress
@@ -97,10 +97,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(config: Config, tokenizer: Any) -> tuple[Examples, Encoded, Encoded]:
-    """Training examples (for label names and metric) and both splits tokenized once."""
+def load_data(config: Config, tokenizer: Any) -> tuple[Examples, Encoded, Encoded, Encoded | None]:
+    """Training examples (for label names and metric), and the training, validation and dev
+    (``dev_split``, else None) rows tokenized once.
+
+    The dev rows are held out of the whole training file before ``max_train_samples`` takes
+    its first rows, so the dev set does not change with the training budget.
+    """
     t = config.training
-    train_ex = load_examples(config.data, "train").head(t.max_train_samples)
+    train_ex, dev_ex = load_examples(config.data, "train"), None
+    if t.dev_split:
+        train_ex, dev_ex = hold_out(train_ex, t.dev_split)
+    train_ex = train_ex.head(t.max_train_samples)
     eval_ex = load_examples(config.data, "validation", train_ex.label_names)
     eval_ex = eval_ex.head(t.max_eval_samples)
     if config.num_labels and config.num_labels != len(train_ex.label_names):
@@ -112,14 +120,20 @@ def load_data(config: Config, tokenizer: Any) -> tuple[Examples, Encoded, Encode
         train_ex,
         encode(train_ex, tokenizer, t.max_length),
         encode(eval_ex, tokenizer, t.max_length),
+        None if dev_ex is None else encode(dev_ex, tokenizer, t.max_length),
     )
 
 
 def build_model(config: Config, label_names: tuple[str, ...], device: torch.device) -> Any:
-    """The base classifier with LoRA injected and only LoRA + head trainable."""
+    """The base classifier with LoRA injected and only LoRA + head trainable; or, for the
+    baselines, with only the head (``method: head``) or every weight (``full``) trainable."""
     lora = config.lora
     model = load_model(config.model_name, dict(enumerate(label_names)))
-    if lora.variant == "ia3":
+    if config.method == "full":
+        model.requires_grad_(True)
+    elif config.method == "head":
+        mark_only_lora_as_trainable(model)  # no LoRA layers: the head alone
+    elif lora.variant == "ia3":
         apply_ia3_to_model(model, lora.target_modules, lora.feedforward_modules)
     else:
         apply_lora_to_model(
@@ -131,7 +145,8 @@ def build_model(config: Config, label_names: tuple[str, ...], device: torch.devi
             use_rslora=lora.use_rslora,
             use_dora=lora.variant == "dora",
         )
-    mark_only_lora_as_trainable(model)
+    if config.method == "lora":
+        mark_only_lora_as_trainable(model)
     if config.training.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model.to(device)  # type: ignore[arg-type]
@@ -197,7 +212,8 @@ def _train(config: Config, world: World) -> dict[str, Any]:
     device = world.device
     dtype = amp_dtype(t.precision, device)
     seed_everything(t.seed)
-    train_ex, train_data, eval_data = load_data(config, load_tokenizer(config.model_name))
+    tokenizer = load_tokenizer(config.model_name)
+    train_ex, train_data, eval_data, dev_data = load_data(config, tokenizer)
     model = build_model(config, train_ex.label_names, device)
     # Each process runs 1/world.size of every global batch: the steps are the global batch's.
     rows_per_process = math.ceil(len(train_data) / world.size)
@@ -216,6 +232,8 @@ def _train(config: Config, world: World) -> dict[str, Any]:
         dtype,
         train_ex,
         world,
+        dev_data,
+        tokenizer,
     )
     stats = count_lora_parameters(model)
     if world.is_main:
@@ -237,23 +255,33 @@ def _train(config: Config, world: World) -> dict[str, Any]:
             save_config(config, out / "config.yaml")
         precision = str(dtype or torch.float32).removeprefix("torch.")
         processes = f" x {world.size} processes" if world.size > 1 else ""
+        dev = f" / {len(dev_data):,} dev" if dev_data is not None else ""
         log.line(
             f"🚀 lorakit: {config.model_name} on {_data_name(config)} | device {device}"
-            f"{processes} | precision {precision} | {len(train_data):,} train / "
+            f"{processes} | precision {precision} | {len(train_data):,} train{dev} / "
             f"{len(eval_data):,} eval examples"
         )
-        log.line(format_parameter_stats(stats, config.lora.describe()))
+        log.line(format_parameter_stats(stats, _method_name(config)))
+        if dev_data is not None:
+            log.line(
+                f"  best/ is chosen on the {len(dev_data):,} dev rows held out of the training "
+                "data; the eval (validation) split is only reported"
+            )
     loop = Loop(run, log, state)
     loop.run()
-    loop.save_adapter(out / "final", loop.last_eval)
+    loop.save_adapter(out / "final", loop.last_eval, loop.last_dev)
     summary = _summary(config, state, stats, loop.last_eval, train_ex.metric)
     if world.is_main:
         plot_training_curves(state.history, out / "training_curves.png")
         write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    chosen = (
+        f"Best dev {train_ex.metric} {state.best_metric:.4f} (epoch {state.best_epoch}), "
+        f"eval {train_ex.metric} there {state.best_eval.get(train_ex.metric, 0.0):.4f}"
+        if dev_data is not None
+        else f"Best eval {train_ex.metric} {state.best_metric:.4f} (epoch {state.best_epoch})"
+    )
     log.line(
-        f"✅ Done. Best eval {train_ex.metric} {state.best_metric:.4f} (epoch "
-        f"{state.best_epoch}); {summary['train_examples_per_sec']:.1f} examples/s; "
-        f"files in {out}"
+        f"✅ Done. {chosen}; {summary['train_examples_per_sec']:.1f} examples/s; files in {out}"
     )
     world.barrier()  # every process returns once rank 0's files are complete
     return summary
@@ -285,6 +313,17 @@ class Run:
     dtype: torch.dtype | None  # autocast dtype, None for fp32
     examples: Examples  # the training rows: metric, label names, text columns
     world: World  # this process's place among torchrun's (World() for one process)
+    dev_data: Encoded | None = None  # rows held out of training that choose best/
+    tokenizer: Any = None  # saved beside whole models (method head or full)
+
+
+def _method_name(config: Config) -> str:
+    """What trains, for the banner: "LoRA r=8", "head only", "full fine-tuning"."""
+    if config.method == "head":
+        return "head only"
+    if config.method == "full":
+        return "full fine-tuning"
+    return config.lora.describe()
 
 
 def _data_name(config: Config) -> str:
@@ -306,8 +345,11 @@ def _summary(
         else (state.train_examples / state.train_seconds if state.train_seconds else 0.0)
     )
     return {
+        "method": config.method,
+        "selected_on": "dev" if config.training.dev_split else "validation",
         "best_metric_name": metric,
         "best_metric": state.best_metric,
+        "best_dev": state.best_dev,
         "best_eval_accuracy": state.best_eval.get("accuracy"),
         "best_epoch": state.best_epoch,
         "best_eval": state.best_eval,
@@ -345,6 +387,7 @@ class Loop:
         )
         self.stop_requested = False
         self.last_eval: dict[str, float] = state.best_eval
+        self.last_dev: dict[str, float] = state.best_dev
         self.rng_at_step = capture_rng()
         # loss*n, correct, n of this process's rows since the last metrics line (the saved
         # window, summed over the processes, restarts on rank 0)
@@ -506,11 +549,27 @@ class Loop:
         metrics = evaluate_shared(
             self.model, self.eval_data, self.t.eval_batch_size, self.device, self.dtype, self.world
         )
+        dev: dict[str, float] = {}
+        if self.job.dev_data is not None:
+            dev = evaluate_shared(
+                self.model,
+                self.job.dev_data,
+                self.t.eval_batch_size,
+                self.device,
+                self.dtype,
+                self.world,
+            )
         self.model.train()
-        record: dict[str, Any] = {"kind": "eval", "step": s.global_step, "epoch": epoch, **metrics}
+        record: dict[str, Any] = {
+            "kind": "eval",
+            "step": s.global_step,
+            "epoch": epoch,
+            **metrics,
+            **{f"dev_{k}": v for k, v in dev.items()},
+        }
         self.log.metrics(record)
         s.history.append(record)
-        self.last_eval = metrics
+        self.last_eval, self.last_dev = metrics, dev
         recent = [r for r in s.history if r["kind"] == "train"][-1:]
         train_part = (
             f"Train Loss: {recent[0]['loss']:.4f} | Train Acc: {recent[0]['accuracy']:.4f}"
@@ -523,27 +582,48 @@ class Loop:
             f"  Eval Loss:  {metrics['loss']:.4f} | Eval Acc:  {metrics['accuracy']:.4f}"
             + (f" | Eval F1: {metrics['f1']:.4f}" if self.metric == "f1" else "")
             + (f" | MCC: {metrics['matthews']:.4f}" if self.metric == "matthews" else "")
+            + (
+                f"\n  Dev Loss:   {dev['loss']:.4f} | Dev {self.metric}: {dev[self.metric]:.4f}"
+                if dev
+                else ""
+            )
         )
-        value = float(metrics[self.metric])
+        chooser = "dev" if dev else "eval"
+        value = float((dev or metrics)[self.metric])
         if s.best_metric is None or value > s.best_metric:
-            s.best_metric, s.best_epoch, s.best_eval = value, record["epoch"], metrics
-            self.save_adapter(self.out / "best", metrics)
-            self.log.line(f"  💾 Best model saved! (eval_{self.metric}: {value:.4f})")
+            s.best_metric, s.best_epoch, s.best_eval, s.best_dev = (
+                value,
+                record["epoch"],
+                metrics,
+                dev,
+            )
+            self.save_adapter(self.out / "best", metrics, dev)
+            self.log.line(f"  💾 Best model saved! ({chooser}_{self.metric}: {value:.4f})")
         self._checkpoint()
 
-    def save_adapter(self, directory: Path, metrics: dict[str, float]) -> None:
+    def save_adapter(
+        self, directory: Path, metrics: dict[str, float], dev: dict[str, float] | None = None
+    ) -> None:
+        """The adapter (or, for method head and full, the whole model) with its metrics."""
         if not self.world.is_main:
+            return
+        extra: dict[str, Any] = {
+            "metrics": metrics,
+            "max_length": self.t.max_length,
+            "text_columns": list(self.job.examples.text_columns),
+        }
+        if dev:
+            extra["dev_metrics"] = dev
+        if self.c.method != "lora":
+            extra.update(method=self.c.method, task=_data_name(self.c))
+            save_model(self.model, self.job.tokenizer, directory, extra)
             return
         save_adapter(
             self.model,
             directory,
             base_model_name_or_path=canonical_name(self.c.model_name),
             task=_data_name(self.c),
-            extra={
-                "metrics": metrics,
-                "max_length": self.t.max_length,
-                "text_columns": list(self.job.examples.text_columns),
-            },
+            extra=extra,
         )
 
     def _checkpoint(self) -> None:

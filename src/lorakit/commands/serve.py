@@ -21,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", default="minilm", help="the base model every adapter shares")
+    parser.add_argument(
+        "--model",
+        default="",
+        help="the base model every adapter shares (default: the first adapter's base model)",
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -91,8 +95,17 @@ def run(args: argparse.Namespace) -> int:
     # the event loop, the tokenizer and the model worker do not starve each other on a few
     # cores (64 clients on 2 cores: 57.6 -> 86.9 requests/s, docs/benchmarks.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # oneDNN keeps a compiled primitive per tensor shape (1,024 by default); a server sees a
+    # new batch shape nearly every batch, so the cache only grows. A small one costs no
+    # measurable speed here (docs/benchmarks.md, the long soak).
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
     require_extra("serve", "lorakit serve")
+    from lorakit.runtime import pin_mmap_threshold
     from lorakit.serve import ServeSettings, build_server, run_server
+
+    # Batches of ever-changing shapes would otherwise fragment the heap (with the two settings
+    # above and the batcher's periodic trim: docs/benchmarks.md, the long soaks).
+    pin_mmap_threshold()
 
     for flag in (
         "max_batch_tokens",

@@ -1,0 +1,191 @@
+"""The peer's side of docs/results.md: Trainer + PEFT, tuned with the same budget as lorakit.
+
+    .venv/bin/python benchmarks/peer_sweep.py --data_dir ../shared/data \
+        --learning_rates 5e-4,1e-3,2e-3 --seeds 0 --max_train_samples 8000 --epochs 1 \
+        --dev_split 2000 --eval_steps 125 --out benchmarks/results/peer_sweep.json
+
+The recipe is configs/sst2_minilm.yaml's (PEFT LoRA r=8 alpha=8 dropout 0 on
+query/key/value/dense, batch 32, warmup 0.06, weight decay 0, max length 128, length-grouped
+batches, fp32 unless bf16 is native), and the data split is lorakit's: the same ``dev_split``
+rows are held out of training (``lorakit.data.hold_out``), and each run's checkpoint is the
+evaluation with the best dev accuracy, as lorakit's ``best/``. Every learning rate and seed is
+one run; the JSON holds each run's dev and validation accuracy at that checkpoint, and the
+markdown table printed at the end is mean ± std over seeds per learning rate, ranked on dev.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+from train_throughput import ROOT, _rss_mb, cpu_name, peft_minilm
+
+RECIPE = {"rank": 8, "alpha": 8, "dropout": 0.0, "batch_size": 32, "warmup_ratio": 0.06}
+
+
+def datasets(data_dir: str, dev_split: float, max_train_samples: int, max_length: int) -> tuple:
+    from datasets import Dataset
+
+    from lorakit.config import DataSettings
+    from lorakit.data import hold_out, load_examples
+    from lorakit.models import load_tokenizer
+
+    settings = DataSettings(subset="sst2", data_dir=data_dir)
+    tokenizer = load_tokenizer("minilm")
+    train, dev = hold_out(load_examples(settings, "train"), dev_split)
+    train = train.head(max_train_samples)
+
+    def dataset(ex) -> Dataset:  # noqa: ANN001
+        enc = tokenizer([t[0] for t in ex.texts], truncation=True, max_length=max_length)
+        return Dataset.from_dict({**enc, "labels": ex.labels})
+
+    validation = load_examples(settings, "validation")
+    return tokenizer, dataset(train), dataset(dev), dataset(validation)
+
+
+def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
+    import numpy as np
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from lorakit.runtime import bf16_fast
+
+    tokenizer, train_ds, dev_ds, val_ds = data
+    torch.manual_seed(seed)
+    model = peft_minilm(RECIPE["rank"], RECIPE["alpha"], RECIPE["dropout"])
+    bf16 = bf16_fast(torch.device("cpu"))
+
+    def accuracy(pred) -> dict:  # noqa: ANN001
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    targs = TrainingArguments(
+        output_dir=str(ROOT / "runs" / "bench" / "peer_sweep"),
+        per_device_train_batch_size=RECIPE["batch_size"],
+        per_device_eval_batch_size=64,
+        learning_rate=lr,
+        warmup_ratio=RECIPE["warmup_ratio"],
+        weight_decay=0.0,
+        num_train_epochs=args.epochs,
+        save_strategy="no",
+        eval_strategy="steps" if args.eval_steps else "epoch",
+        eval_steps=args.eval_steps or None,
+        report_to=[],
+        logging_steps=200,
+        seed=seed,
+        use_cpu=True,
+        bf16=bf16,
+        train_sampling_strategy="group_by_length",
+    )
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train_ds,
+        eval_dataset={"dev": dev_ds, "validation": val_ds},
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy,
+    )
+    start = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - start
+    if args.eval_steps and trainer.state.global_step % args.eval_steps:
+        trainer.evaluate()  # the end of training, as lorakit evaluates it
+    dev = [h for h in trainer.state.log_history if "eval_dev_accuracy" in h]
+    val = [h for h in trainer.state.log_history if "eval_validation_accuracy" in h]
+    evals = [
+        {
+            "step": d["step"],
+            "dev": d["eval_dev_accuracy"],
+            "validation": v["eval_validation_accuracy"],
+        }
+        for d, v in zip(dev, val, strict=True)
+    ]
+    best = max(evals, key=lambda e: (e["dev"], -e["step"]))  # the first best, as lorakit
+    return {
+        "learning_rate": lr,
+        "seed": seed,
+        "evals": evals,
+        "best_step": best["step"],
+        "dev_accuracy": best["dev"],
+        "validation_accuracy": best["validation"],
+        "final_validation_accuracy": evals[-1]["validation"],
+        "train_runtime_s": round(out.metrics["train_runtime"], 1),
+        "wall_s": round(wall, 1),
+        "examples_per_sec": round(out.metrics["train_samples_per_second"], 1),
+        "peak_rss_mb": round(_rss_mb()),
+        "precision": "bf16" if bf16 else "fp32",
+        "train_rows": len(train_ds),
+    }
+
+
+def table(runs: list[dict]) -> str:
+    by_lr: dict[float, list[dict]] = {}
+    for r in runs:
+        by_lr.setdefault(r["learning_rate"], []).append(r)
+
+    def ms(values: list[float]) -> str:
+        values = [100 * v for v in values]
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+    rows = sorted(by_lr.items(), key=lambda kv: -statistics.mean(r["dev_accuracy"] for r in kv[1]))
+    lines = [
+        "| rank | learning rate | seeds | dev accuracy | validation accuracy | examples/s "
+        "| train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, (lr, group) in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {lr:g} | {len(group)} | {ms([r['dev_accuracy'] for r in group])} | "
+            f"{ms([r['validation_accuracy'] for r in group])} | "
+            f"{statistics.mean(r['examples_per_sec'] for r in group):.1f} | "
+            f"{statistics.mean(r['train_runtime_s'] for r in group):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--learning_rates", default="5e-4,1e-3,2e-3")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--epochs", type=float, default=1)
+    p.add_argument("--max_train_samples", type=int, default=8000, help="0 = all rows")
+    p.add_argument("--dev_split", type=float, default=2000)
+    p.add_argument("--eval_steps", type=int, default=0, help="0 = once per epoch")
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_sweep.json")
+    args = p.parse_args()
+    data = datasets(args.data_dir, args.dev_split, args.max_train_samples, args.max_length)
+    done = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
+    key = lambda r: (r["learning_rate"], r["seed"])  # noqa: E731
+    finished = {key(r) for r in done}
+    for lr in (float(v) for v in args.learning_rates.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if (lr, seed) in finished:
+                continue  # resumable: a rerun skips finished runs
+            result = run(args, lr, seed, data)
+            print(json.dumps({k: v for k, v in result.items() if k != "evals"}), flush=True)
+            done.append(result)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "machine": cpu_name(),
+                        "date": datetime.date.today().isoformat(),
+                        "args": {k: str(v) for k, v in vars(args).items()},
+                        "runs": done,
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()
