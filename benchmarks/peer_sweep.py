@@ -24,7 +24,7 @@ from pathlib import Path
 
 from train_throughput import ROOT, _rss_mb, cpu_name, peft_minilm
 
-RECIPE = {"rank": 8, "alpha": 8, "dropout": 0.0, "batch_size": 32, "warmup_ratio": 0.06}
+RECIPE: dict = {"rank": 8, "alpha": 8, "dropout": 0.0, "batch_size": 32, "warmup_ratio": 0.06}
 
 
 def datasets(data_dir: str, dev_split: float, max_train_samples: int, max_length: int) -> tuple:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
         per_device_train_batch_size=RECIPE["batch_size"],
         per_device_eval_batch_size=64,
         learning_rate=lr,
-        warmup_ratio=RECIPE["warmup_ratio"],
+        warmup_steps=RECIPE["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
         weight_decay=0.0,
         num_train_epochs=args.epochs,
         save_strategy="no",

@@ -155,7 +155,7 @@ def load_adapted_model(
 
 
 def save_model(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     directory: str | Path,
     extra: dict | None = None,
@@ -168,7 +168,7 @@ def save_model(
     from lorakit.atomic import atomic_dir
 
     with atomic_dir(Path(directory)) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # type: ignore[operator]
         tokenizer.save_pretrained(str(tmp))
         (tmp / LORAKIT_NAME).write_text(json.dumps(extra or {}, indent=2, sort_keys=True) + "\n")
 
@@ -202,5 +202,5 @@ def _load_whole(
     config.setdefault("base_model_name_or_path", str(directory))
     config.setdefault("id2label", {str(k): v for k, v in model.config.id2label.items()})
     if device is not None:
-        model.to(device)  # type: ignore[arg-type]
+        model.to(device)
     return model.eval(), tokenizer, config

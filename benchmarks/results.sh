@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
+#   bash benchmarks/results.sh [short|seeds]
+# short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
+# seeds: the two best recipes and the peer's best learning rate over 3 seeds (edit BEST first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LK=".venv/bin/lorakit"
+DATA="${LORAKIT_DATA_DIR:-../shared/data}"
+# Short budget: 8,000 training rows, one epoch, evaluated every 125 steps; 2,000 training rows
+# held out as the dev set that chooses (the same rows for every run and for the peer).
+BUDGET=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000
+        --max_train_samples 8000 --num_epochs 1 --eval_steps 125)
+
+case "${1:-short}" in
+short)
+  $LK sweep "${BUDGET[@]}" --grid "learning_rate=5e-4,1e-3,2e-3" --seeds 0 --output_dir sweeps/lr
+  .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" --learning_rates 5e-4,1e-3,2e-3 \
+    --seeds 0 --max_train_samples 8000 --epochs 1 --dev_split 2000 --eval_steps 125 \
+    --out benchmarks/results/peer_sweep.json
+  $LK sweep "${BUDGET[@]}" --grid "rank=2,4,8,16,32" --seeds 0 --output_dir sweeps/rank
+  $LK sweep "${BUDGET[@]}" \
+    --grid "target_modules=[query,value];[query,key,value];[query,key,value,attention.output.dense];all-linear" \
+    --seeds 0 --output_dir sweeps/targets
+  $LK sweep "${BUDGET[@]}" --method head --learning_rate 1e-2 --seeds 0 --output_dir sweeps/head
+  $LK sweep "${BUDGET[@]}" --method full --learning_rate 5e-5 --seeds 0 --output_dir sweeps/full
+  ;;
+seeds)
+  $LK sweep "${BUDGET[@]}" --grid "${BEST:?set BEST to the --grid of the two best recipes}" \
+    --seeds 0,1,2 --output_dir sweeps/best
+  .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" \
+    --learning_rates "${PEER_LR:?set PEER_LR to the peer's best learning rate}" \
+    --seeds 0,1,2 --max_train_samples 8000 --epochs 1 --dev_split 2000 --eval_steps 125 \
+    --out benchmarks/results/peer_sweep.json
+  ;;
+*) echo "usage: bash benchmarks/results.sh [short|seeds]" >&2; exit 2 ;;
+esac
