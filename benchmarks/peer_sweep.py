@@ -31,7 +31,7 @@ def datasets(data_dir: str, dev_split: float, max_train_samples: int, max_length
     from datasets import Dataset
 
     from lorakit.config import DataSettings
-    from lorakit.data import hold_out, load_examples
+    from lorakit.data import hold_out, load_examples, read_file
     from lorakit.models import load_tokenizer
 
     settings = DataSettings(subset="sst2", data_dir=data_dir)
@@ -43,8 +43,12 @@ def datasets(data_dir: str, dev_split: float, max_train_samples: int, max_length
         enc = tokenizer([t[0] for t in ex.texts], truncation=True, max_length=max_length)
         return Dataset.from_dict({**enc, "labels": ex.labels})
 
-    validation = load_examples(settings, "validation")
-    return tokenizer, dataset(train), dataset(dev), dataset(validation)
+    evals = {"dev": dataset(dev), "validation": dataset(load_examples(settings, "validation"))}
+    # Out of domain: short product, movie and restaurant reviews (../shared/data/reviews).
+    for path in sorted((Path(data_dir) / "reviews").glob("*.tsv")):
+        reviews = read_file(path, ["sentence"], "label", ("negative", "positive"))
+        evals[path.stem] = dataset(reviews)
+    return tokenizer, dataset(train), evals
 
 
 def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
 
     from lorakit.runtime import bf16_fast
 
-    tokenizer, train_ds, dev_ds, val_ds = data
+    tokenizer, train_ds, eval_sets = data
     torch.manual_seed(seed)
     model = peft_minilm(RECIPE["rank"], RECIPE["alpha"], RECIPE["dropout"])
     bf16 = bf16_fast(torch.device("cpu"))
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
         model=model,
         args=targs,
         train_dataset=train_ds,
-        eval_dataset={"dev": dev_ds, "validation": val_ds},
+        eval_dataset=eval_sets,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
     )
@@ -93,16 +97,14 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
     wall = time.perf_counter() - start
     if args.eval_steps and trainer.state.global_step % args.eval_steps:
         trainer.evaluate()  # the end of training, as lorakit evaluates it
-    dev = [h for h in trainer.state.log_history if "eval_dev_accuracy" in h]
-    val = [h for h in trainer.state.log_history if "eval_validation_accuracy" in h]
-    evals = [
-        {
-            "step": d["step"],
-            "dev": d["eval_dev_accuracy"],
-            "validation": v["eval_validation_accuracy"],
-        }
-        for d, v in zip(dev, val, strict=True)
-    ]
+    by_step: dict[int, dict] = {}
+    for h in trainer.state.log_history:
+        for name in eval_sets:
+            if f"eval_{name}_accuracy" in h:
+                by_step.setdefault(h["step"], {"step": h["step"]})[name] = h[
+                    f"eval_{name}_accuracy"
+                ]
+    evals = [by_step[k] for k in sorted(by_step)]
     best = max(evals, key=lambda e: (e["dev"], -e["step"]))  # the first best, as lorakit
     return {
         "learning_rate": lr,
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
         "best_step": best["step"],
         "dev_accuracy": best["dev"],
         "validation_accuracy": best["validation"],
+        "out_of_domain": {k: v for k, v in best.items() if k not in ("step", "dev", "validation")},
         "final_validation_accuracy": evals[-1]["validation"],
         "train_runtime_s": round(out.metrics["train_runtime"], 1),
         "wall_s": round(wall, 1),

@@ -140,3 +140,63 @@ def test_variants_mix_in_one_batch(tmp_path: Path) -> None:
     for i, name in enumerate(names):
         np.testing.assert_allclose(mixed[i], _alone(dirs[name], [rows[i]])[0], atol=1e-5, rtol=1e-5)
     assert adapters.adapters["dora"].variant == "DoRA" and adapters.adapters["ia3"].variant == "IA³"
+
+
+def _mixed_batch(
+    adapters: AdapterSet, n: int, group: int = 3
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``n`` rows, each text repeated for ``group`` rows in a row; adapters round-robin."""
+    rows = [(SINGLE[(i // group) % 4],) for i in range(n)]
+    data = encode_texts(rows, adapters.tokenizer, 32)
+    batch = {k: v.numpy() for k, v in collate(data, np.arange(n)).items()}
+    del batch["labels"]
+    return batch, [("sst2", "mrpc", "grades")[i % 3] for i in range(n)]
+
+
+def test_gathered_layers_equal_the_per_adapter_loop_and_follow_reloads(
+    served,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lorakit.lora import LinearWithLoRA
+
+    adapters, dirs = served
+    batch, names = _mixed_batch(adapters, 9)
+    gathered = adapters.logits(batch, names)
+    assert any(layer._stack is not None for _, layer in lora_layers(adapters.model))
+    with monkeypatch.context() as m:
+        m.setattr(LinearWithLoRA, "_stacked", lambda self: None)  # one update per adapter
+        looped = adapters.logits(batch, names)
+    for g, want in zip(gathered, looped, strict=True):
+        np.testing.assert_allclose(g, want, atol=1e-5, rtol=1e-5)
+    # Another adapter's weights under the same name: the stacks are rebuilt, not reused.
+    adapters.unload("mrpc")
+    try:
+        adapters.load("mrpc", dirs["sst2"])
+        again = adapters.logits(batch, names)
+        for i in range(1, 9, 3):  # the "mrpc" rows now score as the "sst2" ones
+            np.testing.assert_allclose(again[i], gathered[i - 1], atol=1e-5, rtol=1e-5)
+    finally:
+        adapters.unload("mrpc")
+        adapters.load("mrpc", dirs["mrpc"])
+
+
+def test_an_adapter_trained_with_dropout_is_served_without_it(served, tmp_path: Path) -> None:  # noqa: ANN001
+    import json
+    import shutil
+
+    adapters, dirs = served
+    noisy = tmp_path / "noisy"
+    shutil.copytree(dirs["sst2"], noisy)
+    config = json.loads((noisy / "adapter_config.json").read_text())
+    config["lora_dropout"] = 0.5
+    (noisy / "adapter_config.json").write_text(json.dumps(config))
+    adapters.load("noisy", noisy)
+    try:
+        batch, _ = _mixed_batch(adapters, 6, group=2)
+        names = ["noisy", "sst2"] * 3
+        first, second = adapters.logits(batch, names), adapters.logits(batch, names)
+        for i in range(0, 6, 2):  # deterministic, and equal to the same weights without dropout
+            np.testing.assert_array_equal(first[i], second[i])
+            np.testing.assert_allclose(first[i], first[i + 1], atol=1e-5, rtol=1e-5)
+    finally:
+        adapters.unload("noisy")

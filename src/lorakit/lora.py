@@ -35,6 +35,8 @@ class Router:
 
     def __init__(self) -> None:
         self.routes: Routes | None = None
+        # Bumped whenever an adapter is loaded or removed: layers rebuild their stacks.
+        self.generation = 0
 
 
 class LoRALayer(nn.Module):
@@ -133,6 +135,10 @@ class IA3Layer(nn.Module):
 
 
 Adapter = LoRALayer | IA3Layer
+# A layer's plain-LoRA adapters for a mixed batch: name -> position, A as (K+1, r, in) and
+# s·B as (K+1, out, r), ranks zero-padded to the largest, the last entry zero (for the rows
+# of adapters that do not adapt this layer).
+Stack = tuple[dict[str, int], torch.Tensor, torch.Tensor]
 
 
 class LinearWithLoRA(nn.Module):
@@ -171,6 +177,8 @@ class LinearWithLoRA(nn.Module):
         self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.disabled = False
         self.router: Router | None = None  # set for mixed-adapter batches (lorakit.multi)
+        # (router generation, adapter names) -> the adapters stacked for gathered mixed batches
+        self._stack: tuple[tuple[int, tuple[str, ...]], Stack | None] | None = None
         if rank is not None:
             self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, use_dora)
         self._freeze_linear()
@@ -285,6 +293,10 @@ class LinearWithLoRA(nn.Module):
         """
         if self.merged:
             raise RuntimeError("mixed-adapter batches need unmerged weights")
+        if len(routes) > 1 and not torch.is_grad_enabled() and not self.training:
+            stack = self._stacked()
+            if stack is not None and stack[1].dtype == x.dtype:
+                return self._gathered(x, routes, stack)
         scaled_input = x
         for name, rows in routes:
             adapter = self.adapter(name) if name in self.adapters else None
@@ -304,7 +316,53 @@ class LinearWithLoRA(nn.Module):
             elif adapter.use_dora:
                 part += self._dora_delta(adapter, x[rows], part)
             else:
-                part += F.linear(adapter.down(x[rows]), adapter.scaled_B()).to(part.dtype)
+                h = adapter.down(x[rows])  # (n_rows, *, rank)
+                if h.dtype != part.dtype:
+                    part += F.linear(h, adapter.scaled_B()).to(part.dtype)
+                    continue
+                # part += s · h Bᵀ as one in-place matmul-add on the rows' (contiguous) view:
+                # two kernels per adapter and layer, which is what a mixed batch multiplies.
+                part.view(-1, part.shape[-1]).addmm_(
+                    h.reshape(-1, h.shape[-1]), adapter.lora_B.T, alpha=adapter.scaling
+                )
+        return out
+
+    def _stacked(self) -> Stack | None:
+        """This layer's adapters stacked (``Stack``), or None if one is not plain LoRA;
+        rebuilt when the router's generation or the adapter names change."""
+        key = (self.router.generation if self.router else -1, tuple(self.adapters))
+        if self._stack is not None and self._stack[0] == key:
+            return self._stack[1]
+        adapters = [(n, a) for n, a in self.adapters.items()]
+        stack: Stack | None = None
+        if adapters and all(isinstance(a, LoRALayer) and not a.use_dora for _, a in adapters):
+            loras = [a for _, a in adapters if isinstance(a, LoRALayer)]
+            rank = max(a.rank for a in loras)
+            first = loras[0].lora_A
+            a_stack = first.new_zeros((len(loras) + 1, rank, self.in_features))
+            b_stack = first.new_zeros((len(loras) + 1, self.out_features, rank))
+            with torch.no_grad():
+                for i, a in enumerate(loras):
+                    a_stack[i, : a.rank] = a.lora_A
+                    b_stack[i, :, : a.rank] = a.scaled_B()
+            stack = ({n: i for i, (n, _) in enumerate(adapters)}, a_stack, b_stack)
+        self._stack = (key, stack)
+        return stack
+
+    def _gathered(self, x: torch.Tensor, routes: Routes, stack: Stack) -> torch.Tensor:
+        """A mixed batch in four kernels whatever the number of adapters (Punica's gathered
+        LoRA): each row's A and s·B are gathered from the stack, then one batched matmul
+        down and one batched matmul-add up. The same FLOPs as one adapter's update."""
+        positions, a_stack, b_stack = stack
+        n = x.shape[0]
+        index = [a_stack.shape[0] - 1] * n
+        for name, rows in routes:
+            index[rows] = [positions.get(name, a_stack.shape[0] - 1)] * (rows.stop - rows.start)
+        idx = torch.tensor(index, device=x.device)
+        out = self.base_layer(x)
+        x3 = x.reshape(n, -1, x.shape[-1])  # (rows, tokens, in); the pooler's (rows, in) too
+        h = torch.bmm(x3, a_stack[idx].transpose(1, 2))  # (rows, tokens, rank)
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, b_stack[idx].transpose(1, 2))
         return out
 
     # -- merging ----------------------------------------------------------------------------

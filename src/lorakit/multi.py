@@ -129,8 +129,10 @@ class AdapterSet:
             for wrapper in attach(self.model, plan, config, state, name):
                 wrapper.router = self.router
                 wrapper.requires_grad_(False)
+                wrapper.eval()  # new modules train by default: no LoRA dropout when serving
             for head, module in heads.items():
                 self.switches[head].heads[name] = module
+            self.router.generation += 1  # the layers' stacked adapters are stale
         labels = _labels(config, heads)
         served = ServedAdapter(
             name=name,
@@ -191,6 +193,7 @@ class AdapterSet:
             for switch in self.switches.values():
                 del switch.heads[name]
             del self.adapters[name]
+            self.router.generation += 1
 
     # -- scoring -------------------------------------------------------------------------
 
