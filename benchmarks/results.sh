@@ -2,7 +2,8 @@
 # The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
 #   bash benchmarks/results.sh [short|seeds]
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
-# seeds: the two best recipes and the peer's best learning rate over 3 seeds (edit BEST first).
+# seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
+#        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LK=".venv/bin/lorakit"
@@ -15,23 +16,30 @@ BUDGET=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000
 case "${1:-short}" in
 short)
   $LK sweep "${BUDGET[@]}" --grid "learning_rate=5e-4,1e-3,2e-3" --seeds 0 --output_dir sweeps/lr
-  .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" --learning_rates 5e-4,1e-3,2e-3 \
-    --seeds 0 --max_train_samples 8000 --epochs 1 --dev_split 2000 --eval_steps 125 \
-    --out benchmarks/results/peer_sweep.json
   $LK sweep "${BUDGET[@]}" --grid "rank=2,4,8,16,32" --seeds 0 --output_dir sweeps/rank
   $LK sweep "${BUDGET[@]}" \
     --grid "target_modules=[query,value];[query,key,value];[query,key,value,attention.output.dense];all-linear" \
     --seeds 0 --output_dir sweeps/targets
   $LK sweep "${BUDGET[@]}" --method head --learning_rate 1e-2 --seeds 0 --output_dir sweeps/head
   $LK sweep "${BUDGET[@]}" --method full --learning_rate 5e-5 --seeds 0 --output_dir sweeps/full
+  .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" --learning_rates 5e-4,1e-3,2e-3 \
+    --seeds 0 --max_train_samples 8000 --epochs 1 --dev_split 2000 --eval_steps 125 \
+    --out benchmarks/results/peer_sweep.json
   ;;
 seeds)
-  $LK sweep "${BUDGET[@]}" --grid "${BEST:?set BEST to the --grid of the two best recipes}" \
-    --seeds 0,1,2 --output_dir sweeps/best
+  # The two best points of the short sweeps on dev, each over 3 seeds; e.g.
+  #   BEST1="--rank 16" BEST2="--learning_rate 2e-3" PEER_LR=1e-3 bash benchmarks/results.sh seeds
+  # shellcheck disable=SC2086
+  $LK sweep "${BUDGET[@]}" ${BEST1:?set BEST1 to the flags of the best point} --seeds 0,1,2 \
+    --output_dir sweeps/best1
+  # shellcheck disable=SC2086
+  $LK sweep "${BUDGET[@]}" ${BEST2:?set BEST2 to the flags of the second best point} \
+    --seeds 0,1,2 --output_dir sweeps/best2
   .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" \
-    --learning_rates "${PEER_LR:?set PEER_LR to the peer's best learning rate}" \
+    --learning_rates "${PEER_LR:?set PEER_LR to the best learning rate of the peer}" \
     --seeds 0,1,2 --max_train_samples 8000 --epochs 1 --dev_split 2000 --eval_steps 125 \
     --out benchmarks/results/peer_sweep.json
+  .venv/bin/python benchmarks/ood.py sweeps/best1/runs/* sweeps/best2/runs/* --data_dir "$DATA"
   ;;
 *) echo "usage: bash benchmarks/results.sh [short|seeds]" >&2; exit 2 ;;
 esac

@@ -403,7 +403,7 @@ class Sweep:
         metric = points[0]["metric"]
         head = [a.short for a in self.axes]
         cols = [
-            "rank",
+            "#",
             *head,
             "seeds",
             f"dev {metric}",
@@ -421,7 +421,7 @@ class Sweep:
                 str(p["n"]),
                 _mean_std(p["dev"]),
                 _mean_std(p["validation"]),
-                f"{p['trainable_params']:,}" if p["trainable_params"] else "",
+                f"{p['trainable_params']:,.0f}" if p["trainable_params"] else "",
                 f"{p['adapter_kib']:,.0f}" if p["adapter_kib"] else "",
                 f"{p['examples_per_sec']:.1f}" if p["examples_per_sec"] else "",
                 f"{p['train_time_s']:.0f}" if p["train_time_s"] else "",
