@@ -75,6 +75,12 @@ def test_hold_out_is_fixed_disjoint_and_keeps_training_order() -> None:
             hold_out(data, bad)
 
 
+def test_push_to_hub_is_for_adapters_only() -> None:
+    overrides = {"method": "full", "training.push_to_hub": True, "training.hub_model_id": "a/b"}
+    with pytest.raises(LoraKitError, match="uploads adapters; method full"):
+        load_config(None, overrides)
+
+
 @pytest.mark.parametrize("value", ["-1", "1.5"])
 def test_dev_split_refuses_odd_values(value: str) -> None:
     with pytest.raises(LoraKitError, match="dev_split"):

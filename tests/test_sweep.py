@@ -211,3 +211,24 @@ def test_sweep_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorakit sweep: error: run rank=x,seed=42: lora.rank must be")
     assert "\n" not in err
+
+
+def test_sigint_to_the_sweep_checkpoints_the_running_run_and_exits_130(
+    env: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    run = out / "runs" / "rank=2,seed=0"
+    proc = subprocess.Popen(
+        _command(env, out, 40), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint").is_dir() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the sweep alone: it passes it on to the run
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted; rerun the same command to continue" in stdout
+    assert (run / "checkpoint").is_dir() and not (run / "summary.json").exists()
+    assert "interrupted at step" in (out / "logs" / "rank=2,seed=0.log").read_text()

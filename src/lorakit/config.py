@@ -194,6 +194,11 @@ class Config:
 
     def check(self) -> None:
         _require(self.num_labels >= 0, "num_labels must be >= 0")
+        _require(
+            self.method == "lora" or not self.training.push_to_hub,
+            f"--push_to_hub uploads adapters; method {self.method} writes whole models "
+            "(upload best/ with huggingface_hub instead)",
+        )
         self.lora.check()
         self.training.check()
 
