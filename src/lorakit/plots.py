@@ -34,15 +34,11 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 def plot_sweep(points: list[dict[str, Any]], x: str, series: list[str], path: Path) -> None:
     """``sweep.png``: mean ± std of the dev and validation scores against the axis ``x``, one
-    line per combination of the other swept axes (``series``); categories sit side by side."""
-    import math
+    line per combination of the other swept axes (``series``); categories sit side by side.
 
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        if not values:
-            return math.nan, 0.0
-        m = sum(values) / len(values)
-        var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-        return m, math.sqrt(var)
+    Each point carries ``stats``: ``{"dev": (mean, std), "validation": (mean, std)}``, NaN
+    means for a set that was not measured (``lorakit.sweep.summarize`` computes them)."""
+    import math
 
     xs = list(dict.fromkeys(str(p["values"].get(x, p["point"])) for p in points))
     numeric = all(_is_number(v) for v in xs)
@@ -59,7 +55,7 @@ def plot_sweep(points: list[dict[str, Any]], x: str, series: list[str], path: Pa
         pos = [xs.index(str(p["values"].get(x, p["point"]))) for p in group]
         where = [float(xs[i]) for i in pos] if numeric else pos
         for key, style in (("dev", "o-"), ("validation", "s--")):
-            stats = [mean_std(p[key]) for p in group]
+            stats = [p["stats"][key] for p in group]
             if all(math.isnan(m) for m, _ in stats):
                 continue
             ax.errorbar(

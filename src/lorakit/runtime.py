@@ -71,6 +71,21 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 SERVE_MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    """The C library if it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # musl and others
+        return None
+
+
 def pin_mmap_threshold(size: int = SERVE_MMAP_THRESHOLD) -> bool:
     """Pin glibc's mmap threshold so that blocks of ``size`` bytes or more (a batch's
     activations) are mapped on allocation and returned to the system when freed.
@@ -80,17 +95,12 @@ def pin_mmap_threshold(size: int = SERVE_MMAP_THRESHOLD) -> bool:
     with every new shape. Does nothing (False) off glibc or when ``MALLOC_MMAP_THRESHOLD_``
     is set in the environment (the user's choice wins).
     """
-    import ctypes
     import os
-    import sys
 
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, size))
-    except (OSError, AttributeError):  # musl and others: no mallopt
-        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, size))
 
 
 def release_free_memory() -> bool:
@@ -99,12 +109,5 @@ def release_free_memory() -> bool:
     Freed activations of past batches otherwise stay in the process as free heap pages,
     scattered between live blocks where the heap cannot shrink past them.
     """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

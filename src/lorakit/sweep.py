@@ -459,6 +459,10 @@ def summarize(rows: list[dict[str, Any]], axes: list[str], selected_on: str) -> 
                 "n": len(group),
                 "dev": dev,
                 "validation": val,
+                "stats": {
+                    "dev": (_mean(dev) if dev else math.nan, std(dev)),
+                    "validation": (_mean(val) if val else math.nan, std(val)),
+                },
                 **{
                     k: _mean([r[k] for r in group if r.get(k) is not None])
                     for k in ("trainable_params", "adapter_kib", "examples_per_sec", "train_time_s")
