@@ -139,7 +139,7 @@ def main() -> None:
     config = load_config(args.config, {"data.data_dir": args.data_dir})
     t = config.training
     tokenizer = load_tokenizer(config.model_name)
-    train_ex, train_data, eval_data = load_data(config, tokenizer)
+    train_ex, train_data, eval_data, _ = load_data(config, tokenizer)
     device = torch.device("cpu")
     model = build_model(config, train_ex.label_names, device)
     optimizer, scheduler, _ = build_optimizer(config, model, len(train_ex.texts))

@@ -21,7 +21,16 @@ LAYERS = {
         "config",
         "distributed",
     },
-    "core": {"lora", "inject", "state", "adapter", "adapter_config", "__init__"},
+    "core": {
+        "dropout",
+        "fused",
+        "lora",
+        "inject",
+        "state",
+        "adapter",
+        "adapter_config",
+        "__init__",
+    },
     "loading": {"data", "hub", "models", "batches", "runlog", "plots"},
     "engines": {
         "export",

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.fused import lora_linear
+
 DEFAULT_ADAPTER = "default"
 Routes = list[tuple[str, slice]]  # adapter name -> the batch rows it owns, grouped
 
@@ -253,17 +255,30 @@ class LinearWithLoRA(nn.Module):
         adapter = self.lora
         if isinstance(adapter, IA3Layer):
             return self._ia3(adapter, x)
+        if not adapter.use_dora and self._fusable(adapter, x):
+            xd = adapter.dropout(x)
+            return lora_linear(
+                x,
+                None if xd is x else xd,
+                self.weight(),
+                self.base_layer.bias,
+                adapter.lora_A,
+                adapter.lora_B,
+                adapter.scaling,
+            )
         out = self.base_layer(x)
         if adapter.use_dora:
             return out + self._dora_delta(adapter, x, out)
-        h = adapter.down(x)  # (*, rank)
-        if h.dtype != out.dtype:  # bf16/fp16 base outside autocast: keep the LoRA math in fp32
-            return out + F.linear(h, adapter.scaled_B()).to(out.dtype)
-        # out + h (sB)ᵀ in one fused matmul-add instead of a matmul then an add.
-        flat = torch.addmm(
-            out.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), adapter.scaled_B().T
+        # bf16/fp16 base outside autocast, or autocast: the LoRA math in the LoRA dtype
+        return out + F.linear(adapter.down(x), adapter.scaled_B()).to(out.dtype)
+
+    def _fusable(self, adapter: LoRALayer, x: torch.Tensor) -> bool:
+        """Whether ``lora_linear`` (one autograd node, see lorakit.fused) can run this call:
+        one dtype throughout and no autocast (which would choose dtypes per matmul)."""
+        return (
+            x.dtype == adapter.lora_A.dtype == self.base_layer.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
         )
-        return flat.view(out.shape)
 
     def _ia3(self, adapter: IA3Layer, x: torch.Tensor) -> torch.Tensor:
         if adapter.feedforward:
