@@ -19,7 +19,7 @@ import numpy as np
 
 from lorakit.data import Encoded, collate
 from lorakit.multi import AdapterSet
-from lorakit.runtime import release_free_memory
+from lorakit.runtime import release_free_memory, thread_governor
 
 logger = logging.getLogger(__name__)
 TRIM_EVERY = 64  # batches between returns of free heap pages to the system
@@ -69,6 +69,7 @@ class Batcher:
         self.pending: list[Row] = []
         self.ready = threading.Condition()
         self.stopping = False
+        self.governor = thread_governor()
         self.thread = threading.Thread(target=self._work, name="lorakit-batcher", daemon=True)
 
     def start(self) -> None:
@@ -131,6 +132,7 @@ class Batcher:
                 if not self.pending:  # stopping, and nothing left to score
                     return
                 batch = self._take()
+            self.governor.poll()  # in this thread: torch's thread count is per thread
             self._run(batch)
             batches += 1
             if batches % TRIM_EVERY == 0:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lorakit.data import Encoded, collate, eval_order
-from lorakit.runtime import autocast
+from lorakit.runtime import autocast, thread_governor
 
 LogitsFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 (batch, seq) -> (batch, labels)
 
@@ -28,7 +28,9 @@ def run_logits(
 ) -> np.ndarray:
     """(n, labels) float32 logits of every example, in the original order."""
     out: np.ndarray | None = None
+    governor = thread_governor()
     for idx in eval_order(data.lengths, batch_size):
+        governor.poll()
         batch = collate(data, idx)
         del batch["labels"]
         logits = logits_fn({k: v.numpy() for k, v in batch.items()})

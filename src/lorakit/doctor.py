@@ -23,12 +23,11 @@ def run_checks(data_dir: str | None = None) -> Iterator[Check]:
     for package in ("peft", "onnxruntime", "fastapi"):
         ok, name, detail = _version(package)
         yield True, f"{name} (optional)", detail
-    import torch
 
-    from lorakit.runtime import amp_dtype, bf16_fast, pick_device
+    from lorakit.runtime import amp_dtype, bf16_fast, pick_device, thread_governor
 
     device = pick_device()
-    yield True, "device", f"{device} ({torch.get_num_threads()} threads)"
+    yield True, "device", f"{device} ({thread_governor().describe()})"
     yield True, "bf16 fast", "yes: default precision bf16" if bf16_fast(device) else "no: fp32"
     yield _distributed()
     yield from _embedded_model()

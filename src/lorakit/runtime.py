@@ -1,8 +1,11 @@
-"""Device and precision: picking the device, knowing whether bf16 is fast here, autocast."""
+"""Device, precision, threads and memory: picking the device, knowing whether bf16 is fast here,
+autocast, sharing the CPU with other processes, and the allocator settings a server needs."""
 
 from __future__ import annotations
 
 import functools
+import math
+import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -111,3 +114,101 @@ def release_free_memory() -> bool:
     """
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+class ThreadGovernor:
+    """Keeps torch's CPU threads at the cores that other processes leave free.
+
+    Two torch processes on 2 cores, each with 2 threads, slow each other up to 30x: a thread
+    that reaches OpenMP's barrier spin-waits for its partner, which another process has
+    descheduled (docs/benchmarks.md, shared machines). Every ``interval`` seconds ``poll``
+    measures, from ``/proc/stat`` and this process's own CPU time, how many of our cores other
+    processes (and the hypervisor's steal) kept busy, and sets the thread count to the rest
+    (at least 1, at most the count it started with). Alone it changes nothing.
+
+    Fixed (never adapts) when ``LORAKIT_THREADS`` or ``OMP_NUM_THREADS`` is set, and off Linux.
+    """
+
+    def __init__(self, interval: float = 2.0) -> None:
+        import os
+
+        self.interval = interval
+        fixed = os.environ.get("LORAKIT_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        if os.environ.get("LORAKIT_THREADS"):
+            torch.set_num_threads(max(1, int(os.environ["LORAKIT_THREADS"])))
+        self.max_threads = torch.get_num_threads()
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.adaptive = not fixed and self.max_threads > 1 and _cpu_ticks(self.cpus) is not None
+        self.changes = 0
+        self._last = self._sample() if self.adaptive else None
+
+    def describe(self) -> str:
+        """For banners: "2 threads, fewer while other processes use the cores"."""
+        n = torch.get_num_threads()
+        threads = f"{n} thread{'s' if n != 1 else ''}"
+        return f"{threads}, fewer while other processes use the cores" if self.adaptive else threads
+
+    def _sample(self) -> tuple[float, int, int, float] | None:
+        import os
+
+        ticks = _cpu_ticks(self.cpus)
+        if ticks is None:
+            return None
+        busy, total = ticks
+        own = os.times()
+        return time.monotonic(), busy, total, own.user + own.system
+
+    def others(self) -> float | None:
+        """Cores of ours that other processes used since the last measurement (None: too soon)."""
+        import os
+
+        if not self.adaptive or self._last is None:
+            return None
+        if time.monotonic() - self._last[0] < self.interval:
+            return None
+        now = self._sample()
+        if now is None:
+            return None
+        (_, busy0, total0, own0), (_, busy1, total1, own1) = self._last, now
+        self._last = now
+        per_cpu = (total1 - total0) / max(len(self.cpus), 1)  # ticks that passed on each CPU
+        if per_cpu <= 0:
+            return None
+        own = (own1 - own0) * os.sysconf("SC_CLK_TCK")
+        return max(0.0, (busy1 - busy0 - own) / per_cpu)
+
+    def poll(self) -> int:
+        """Call between batches: re-measures every ``interval`` s; returns the thread count."""
+        others = self.others()
+        if others is not None:
+            want = max(1, min(self.max_threads, math.floor(len(self.cpus) - others + 0.5)))
+            if want != torch.get_num_threads():
+                torch.set_num_threads(want)
+                self.changes += 1
+        return torch.get_num_threads()
+
+
+def _cpu_ticks(cpus: list[int]) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of ``cpus`` since boot, from ``/proc/stat``; None without it.
+
+    Busy counts everything but idle and iowait: user, nice, system, irq, softirq and steal.
+    """
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    wanted = {f"cpu{i}" for i in cpus}
+    busy = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in wanted:
+            ticks = [int(v) for v in fields[:8]]
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return (busy, total) if total else None
+
+
+@functools.cache
+def thread_governor() -> ThreadGovernor:
+    """The process's one governor (created on first use)."""
+    return ThreadGovernor()

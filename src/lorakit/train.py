@@ -45,7 +45,7 @@ from lorakit.paths import check_writable
 from lorakit.plots import plot_training_curves
 from lorakit.progress import Progress, progress
 from lorakit.runlog import RunLog, SilentLog
-from lorakit.runtime import amp_dtype, autocast, pick_device
+from lorakit.runtime import amp_dtype, autocast, pick_device, thread_governor
 from lorakit.state import (
     count_lora_parameters,
     format_parameter_stats,
@@ -257,10 +257,11 @@ def _train(config: Config, world: World) -> dict[str, Any]:
         if world.is_main:
             save_config(config, out / "config.yaml")
         precision = str(dtype or torch.float32).removeprefix("torch.")
+        where = f"cpu ({thread_governor().describe()})" if device.type == "cpu" else str(device)
         processes = f" x {world.size} processes" if world.size > 1 else ""
         dev = f" / {len(dev_data):,} dev" if dev_data is not None else ""
         log.line(
-            f"🚀 lorakit: {config.model_name} on {_data_name(config)} | device {device}"
+            f"🚀 lorakit: {config.model_name} on {_data_name(config)} | device {where}"
             f"{processes} | precision {precision} | {len(train_data):,} train{dev} / "
             f"{len(eval_data):,} eval examples"
         )
@@ -463,6 +464,8 @@ class Loop:
                 with self.world.no_sync(self.ddp, sync=i == len(group) - 1):
                     self.sums += self._forward_backward(b, len(rows))
             self._optimizer_step()
+            if self.device.type == "cpu":
+                thread_governor().poll()
             s.batch_in_epoch += 1
             s.global_step += 1
             seconds = time.perf_counter() - tick
