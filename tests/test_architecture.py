@@ -34,6 +34,7 @@ LAYERS = {
     "loading": {"data", "hub", "models", "batches", "runlog", "plots"},
     "engines": {
         "export",
+        "quantize",
         "predict",
         "predict_files",
         "evaluate",

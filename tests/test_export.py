@@ -206,3 +206,59 @@ def test_eval_on_onnx_equals_the_adapter_and_int8_stays_close(
             main(bad)
         assert exit_info.value.code == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_int8_keeps_the_most_sensitive_matmuls_fp32(
+    env: dict[str, Path], onnx_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+    from conftest import write_sentiment_rows
+
+    from lorakit.quantize import matmuls, quantize_int8, sensitivity
+
+    calibration = write_sentiment_rows(env["root"] / "calib.tsv", 24, seed=5)
+    inputs = {k: v.numpy() for k, v in _inputs(onnx_file.with_suffix(".tokenizer")).items()}
+    feeds = [inputs]
+    nodes = matmuls(onnx_file)
+    assert len(nodes) >= 4
+    scores = sensitivity(onnx_file, feeds)
+    assert set(scores) == set(nodes) and all(s > 0 for s in scores.values())
+    ranked = sorted(scores, key=lambda n: -scores[n])
+
+    out = env["root"] / "q" / "keep.onnx"
+    out.parent.mkdir(exist_ok=True)
+    errors = {}
+    for keep in (0, 2, len(nodes)):
+        info = quantize_int8(onnx_file, out, feeds, keep_fp32=keep)
+        assert info["int8_fp32_nodes"] == ranked[:keep]
+        graph = onnx.load(str(out))
+        # still float matmuls (onnxruntime renames a Gemm it splits "<name>_MatMul")
+        plain = {
+            n.name.removesuffix("_MatMul")
+            for n in graph.graph.node
+            if n.op_type in ("MatMul", "Gemm")
+        }
+        assert set(ranked[:keep]) <= plain
+        assert all(n not in plain for n in ranked[keep:])  # the rest became int8 ops
+        errors[keep] = info["int8_logit_error"]
+    assert errors[len(nodes)] == 0.0 < errors[2] <= errors[0]
+
+    # Through the CLI, with a calibration file: the sidecar names what stayed fp32.
+    int8 = env["root"] / "q" / "cli.onnx"
+    argv = ["export", "--adapter", str(env["adapter"]), "--out", str(int8), "--quantize", "int8"]
+    assert main([*argv, "--calibration", str(calibration), "--int8_keep_fp32", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"sensitivity {len(nodes)}/{len(nodes)}" in printed and "1 matmul(s) kept fp32" in printed
+    )
+    meta = json.loads(int8.with_suffix(".json").read_text())
+    assert len(meta["int8_fp32_nodes"]) == 1 and meta["int8_fp32_nodes"][0] in nodes
+
+    for bad, message in (
+        (["--calibration", str(env["root"] / "missing.tsv")], "no such file"),
+        (["--int8_keep_fp32", "-1"], "must be >= 0"),
+    ):
+        assert main([*argv, "--overwrite", *bad]) == 1
+        assert message in capsys.readouterr().err
+    assert main([*argv[:5], "--overwrite", "--calibration", str(calibration)]) == 1
+    assert "only applies with --quantize int8" in capsys.readouterr().err

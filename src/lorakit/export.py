@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +28,17 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from lorakit.atomic import atomic_dir, recover, replace_dir
-from lorakit.data import DEFAULT_MAX_LENGTH, adapter_text_columns, collate, encode_texts
+from lorakit.data import (
+    DEFAULT_MAX_LENGTH,
+    adapter_text_columns,
+    collate,
+    encode_texts,
+    eval_order,
+)
 from lorakit.errors import LoraKitError
 from lorakit.paths import check_writable
+from lorakit.predict_files import read_texts
+from lorakit.quantize import DEFAULT_KEEP_FP32, quantize_int8
 
 TOLERANCE = 1e-4  # largest |logit difference| accepted between the output and the unmerged model
 
@@ -205,18 +214,30 @@ def read_onnx_session(path: Path) -> Any:
         raise LoraKitError(f"{path} is not a loadable ONNX model: {str(e)[:200]}") from None
 
 
-def _quantize_int8(graph: Path, out: Path) -> None:
-    """Dynamic int8 quantization (weights int8 ahead of time, activations per call)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+CALIBRATION_ROWS = 256  # rows of --calibration the int8 sensitivity pass runs on
 
-    # quantize_dynamic logs a pre-processing suggestion on the root logger; not needed here.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        quantize_dynamic(graph, out, weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
+
+def _calibration_feeds(
+    tokenizer: PreTrainedTokenizerBase,
+    config: dict[str, Any],
+    calibration: Path | None,
+    names: set[str],
+) -> list[dict[str, np.ndarray]]:
+    """Batches for the int8 sensitivity pass: up to 256 rows of ``calibration`` (spread over
+    the file), else the built-in check sentences."""
+    if calibration is None:
+        rows: list[tuple[str, ...]] = [(t,) for t in CHECK_TEXTS + TRACE_TEXTS]
+    else:
+        rows = read_texts(calibration, adapter_text_columns(config)).texts
+        if not rows:
+            raise LoraKitError(f"--calibration {calibration}: no usable rows")
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, CALIBRATION_ROWS).astype(int)]
+        rows = list(dict.fromkeys(rows))
+    data = encode_texts(rows, tokenizer, int(config.get("max_length") or DEFAULT_MAX_LENGTH))
+    return [
+        {k: v.numpy() for k, v in collate(data, idx).items() if k in names}
+        for idx in eval_order(data.lengths, 64)
+    ]
 
 
 def export_onnx(
@@ -225,20 +246,31 @@ def export_onnx(
     model_name: str | None = None,
     overwrite: bool = False,
     quantize: Literal["none", "int8"] = "none",
+    calibration: Path | None = None,
+    keep_fp32: int = DEFAULT_KEEP_FP32,
+    on_node: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Export the merged classifier to ONNX and check it against torch with onnxruntime.
 
     The graph is traced on 2 short sentences and checked on 3 longer ones of mixed lengths,
     so the check also proves the batch and sequence axes dynamic. With ``quantize="int8"``
-    the checked fp32 graph is then quantized (dynamic int8 MatMuls: ~4x smaller, faster on
-    CPU, not bit-exact); its logits must be finite and its differences are reported.
+    the checked fp32 graph is then quantized by ``lorakit.quantize.quantize_int8``: per-channel
+    int8 weights, activations quantized per call, the ``keep_fp32`` matmuls most sensitive on
+    the ``calibration`` rows (e.g. the training file) left fp32; ~4x smaller, faster on CPU,
+    not bit-exact. Its logits must be finite and its differences are reported; ``on_node(i,
+    n)`` follows the sensitivity pass.
 
     Returns:
         ``out``, ``max_abs_diff`` (fp32 onnxruntime vs the unmerged torch model) and, for
-        int8, ``int8_max_abs_diff`` and ``int8_labels_agree`` ("k/n" check sentences).
+        int8, ``int8_max_abs_diff``, ``int8_labels_agree`` ("k/n" check sentences),
+        ``int8_fp32_nodes`` and ``int8_logit_error`` (on the calibration rows).
     """
     if quantize not in ("none", "int8"):
         raise LoraKitError(f"--quantize must be none or int8, got {quantize!r}")
+    if keep_fp32 < 0:
+        raise LoraKitError(f"--int8_keep_fp32 must be >= 0, got {keep_fp32}")
+    if calibration is not None and not calibration.is_file():
+        raise LoraKitError(f"--calibration {calibration}: no such file")
     if out.suffix != ".onnx":
         raise LoraKitError(f"--out must end in .onnx, got {out}")
     _check_out(out, overwrite, "file")
@@ -257,7 +289,8 @@ def export_onnx(
         if quantize == "int8":
             fp32_graph = graph.with_suffix(".fp32.onnx")
             graph.replace(fp32_graph)
-            _quantize_int8(fp32_graph, graph)
+            feeds = _calibration_feeds(tokenizer, config, calibration, names)
+            result.update(quantize_int8(fp32_graph, graph, feeds, keep_fp32, on_node))
             fp32_graph.unlink()
             logits = read_onnx_session(graph).run(None, feed)[0]
             if not np.isfinite(logits).all():
@@ -267,6 +300,8 @@ def export_onnx(
             result["int8_labels_agree"] = f"{agree}/{len(reference)}"
         tokenizer.save_pretrained(str(onnx_tokenizer_dir(graph)))
         meta = {**_sidecar(model, config, adapter_dir), "quantization": quantize}
+        if quantize == "int8":
+            meta["int8_fp32_nodes"] = result["int8_fp32_nodes"]
         onnx_sidecar(graph).write_text(json.dumps(meta, indent=2))
         # Graph last: a predictor never finds a new graph beside an old sidecar.
         replace_dir(onnx_tokenizer_dir(graph), onnx_tokenizer_dir(out))

@@ -1,0 +1,120 @@
+"""int8 ONNX graphs that keep the fp32 accuracy: per-channel weights, the most sensitive
+matmuls left in fp32 (chosen by measurement).
+
+Measured on the shipped SST-2 adapter (docs/benchmarks.md, int8): onnxruntime's default
+dynamic quantization (one scale per weight tensor) lost 0.9–2.1 points of accuracy; one scale
+per output channel lost 0.2; keeping the two matmuls whose lone quantization moves the logits
+most in fp32 lost nothing, at the same speed. Static activation scales (calibrated on training
+rows) were faster still in onnxruntime's QOperator form but lost 1.0 point, so activations stay
+dynamic (quantized per call).
+
+The sensitivity pass quantizes each matmul alone and measures the mean absolute logit
+change on the calibration rows: one quantization per matmul (~1 minute for MiniLM's 38).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Feeds = Sequence[dict[str, np.ndarray]]  # input batches: name -> int64 (batch, seq)
+DEFAULT_KEEP_FP32 = 2
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    # onnxruntime.quantization logs a pre-processing suggestion on the root logger per call.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def matmuls(graph: Path) -> list[str]:
+    """Names of the MatMul and Gemm nodes with a constant (weight) input, in graph order: the
+    ones dynamic quantization turns int8 (products of two activations stay fp32)."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    weights = {i.name for i in model.graph.initializer}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and any(x in weights for x in n.input)
+    ]
+
+
+def _names(nodes: list[str]) -> list[str]:
+    # onnxruntime first rewrites a Gemm as a MatMul named "<gemm>_MatMul" (plus an Add), and
+    # matches nodes_to_quantize/nodes_to_exclude against that name.
+    return [*nodes, *(f"{n}_MatMul" for n in nodes)]
+
+
+def _quantize(graph: Path, out: Path, nodes: list[str] | None, exclude: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(
+            graph,
+            out,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_quantize=None if nodes is None else _names(nodes),
+            nodes_to_exclude=_names(exclude),
+        )
+
+
+def _logits(graph: Path, feeds: Feeds) -> np.ndarray:
+    from lorakit.export import read_onnx_session
+
+    session = read_onnx_session(graph)
+    return np.concatenate([session.run(None, dict(f))[0] for f in feeds])
+
+
+def sensitivity(
+    graph: Path, feeds: Feeds, on_node: Callable[[int, int], None] | None = None
+) -> dict[str, float]:
+    """Each matmul's mean |logit change| on ``feeds`` when it alone is int8."""
+    reference = _logits(graph, feeds)
+    nodes = matmuls(graph)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="lorakit-int8-") as tmp:
+        one = Path(tmp) / "one.onnx"
+        for i, node in enumerate(nodes):
+            _quantize(graph, one, [node], [])
+            out[node] = float(np.abs(_logits(one, feeds) - reference).mean())
+            if on_node is not None:
+                on_node(i + 1, len(nodes))
+    return out
+
+
+def quantize_int8(
+    graph: Path,
+    out: Path,
+    feeds: Feeds,
+    keep_fp32: int = DEFAULT_KEEP_FP32,
+    on_node: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write the int8 graph of ``graph`` to ``out``: per-channel int8 weights, dynamic int8
+    activations, the ``keep_fp32`` most sensitive matmuls (on ``feeds``) left fp32.
+
+    Returns ``int8_fp32_nodes`` (kept in fp32, most sensitive first) and ``int8_logit_error``
+    (mean |logit change| of the whole int8 graph on ``feeds``).
+    """
+    keep: list[str] = []
+    if keep_fp32 > 0:
+        scores = sensitivity(graph, feeds, on_node)
+        keep = sorted(scores, key=lambda n: -scores[n])[:keep_fp32]
+    _quantize(graph, out, None, keep)
+    error = float(np.abs(_logits(out, feeds) - _logits(graph, feeds)).mean())
+    return {"int8_fp32_nodes": keep, "int8_logit_error": error}
