@@ -59,7 +59,11 @@ def _names(nodes: list[str]) -> list[str]:
     return [*nodes, *(f"{n}_MatMul" for n in nodes)]
 
 
-def _quantize(graph: Path, out: Path, nodes: list[str] | None, exclude: list[str]) -> None:
+def quantize_per_channel(
+    graph: Path, out: Path, nodes: list[str] | None, exclude: list[str]
+) -> None:
+    """Dynamic int8 with one weight scale per output channel: ``nodes`` (None: every matmul
+    of ``matmuls``) but not ``exclude``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():
@@ -91,7 +95,7 @@ def sensitivity(
     with tempfile.TemporaryDirectory(prefix="lorakit-int8-") as tmp:
         one = Path(tmp) / "one.onnx"
         for i, node in enumerate(nodes):
-            _quantize(graph, one, [node], [])
+            quantize_per_channel(graph, one, [node], [])
             out[node] = float(np.abs(_logits(one, feeds) - reference).mean())
             if on_node is not None:
                 on_node(i + 1, len(nodes))
@@ -115,6 +119,6 @@ def quantize_int8(
     if keep_fp32 > 0:
         scores = sensitivity(graph, feeds, on_node)
         keep = sorted(scores, key=lambda n: -scores[n])[:keep_fp32]
-    _quantize(graph, out, None, keep)
+    quantize_per_channel(graph, out, None, keep)
     error = float(np.abs(_logits(out, feeds) - _logits(graph, feeds)).mean())
     return {"int8_fp32_nodes": keep, "int8_logit_error": error}
