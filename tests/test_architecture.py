@@ -31,7 +31,7 @@ LAYERS = {
         "adapter_config",
         "__init__",
     },
-    "loading": {"data", "hub", "models", "batches", "runlog", "plots"},
+    "loading": {"data", "textfiles", "hub", "models", "batches", "runlog", "plots"},
     "engines": {
         "export",
         "quantize",

@@ -37,8 +37,8 @@ from lorakit.data import (
 )
 from lorakit.errors import LoraKitError
 from lorakit.paths import check_writable
-from lorakit.predict_files import read_texts
 from lorakit.quantize import DEFAULT_KEEP_FP32, quantize_int8
+from lorakit.textfiles import read_texts
 
 TOLERANCE = 1e-4  # largest |logit difference| accepted between the output and the unmerged model
 
