@@ -9,7 +9,7 @@ batches of 64 through ``Predictor.predict`` (tokenize, forward, softmax):
 - ONNX fp32 (``lorakit export``),
 - ONNX int8, onnxruntime's defaults (dynamic, one scale per weight tensor: the old export),
 - ONNX int8, one scale per output channel, every matmul int8 (``--int8_keep_fp32 0``),
-- ONNX int8 as ``lorakit export --quantize int8`` writes it (per channel, the two most
+- ONNX int8 as ``lorakit export --quantize int8`` writes it (per channel, the six most
   sensitive matmuls fp32, chosen on rows of the *training* file, never on validation).
 
 Throughput: every variant predicts the whole set ``--repeats`` times, the variants taking
