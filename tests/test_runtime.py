@@ -82,6 +82,10 @@ def test_governor_is_fixed_when_the_user_sets_threads(monkeypatch: pytest.Monkey
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
     assert not runtime.ThreadGovernor(interval=0.0).adaptive
+    for bad in ("0", "two", "-3"):
+        monkeypatch.setenv("LORAKIT_THREADS", bad)
+        with pytest.raises(LoraKitError, match="LORAKIT_THREADS must be a positive whole number"):
+            runtime.ThreadGovernor(interval=0.0)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")

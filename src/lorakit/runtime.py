@@ -135,7 +135,7 @@ class ThreadGovernor:
         self.interval = interval
         fixed = os.environ.get("LORAKIT_THREADS") or os.environ.get("OMP_NUM_THREADS")
         if os.environ.get("LORAKIT_THREADS"):
-            torch.set_num_threads(max(1, int(os.environ["LORAKIT_THREADS"])))
+            torch.set_num_threads(_positive_int("LORAKIT_THREADS", os.environ["LORAKIT_THREADS"]))
         self.max_threads = torch.get_num_threads()
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.adaptive = not fixed and self.max_threads > 1 and _cpu_ticks(self.cpus) is not None
@@ -186,6 +186,12 @@ class ThreadGovernor:
                 torch.set_num_threads(want)
                 self.changes += 1
         return torch.get_num_threads()
+
+
+def _positive_int(name: str, value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise LoraKitError(f"{name} must be a positive whole number of threads, got {value!r}")
+    return int(value)
 
 
 def _cpu_ticks(cpus: list[int]) -> tuple[int, int] | None:
