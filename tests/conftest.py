@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -15,6 +16,11 @@ from transformers import (
     PretrainedConfig,
     RobertaConfig,
 )
+
+# A fixed thread count for every lorakit run of the suite (subprocesses inherit it): the thread
+# governor would otherwise follow the machine's load, and results computed with different
+# thread counts differ in the last float bits, which the exact-resume tests compare.
+os.environ.setdefault("LORAKIT_THREADS", str(torch.get_num_threads()))
 
 # family -> (config, LoRA targets from DESIGN.md)
 FAMILIES: dict[str, tuple[PretrainedConfig, list[str]]] = {

@@ -139,6 +139,7 @@ def _command(env: dict[str, Path], out: Path, epochs: int) -> list[str]:
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LORAKIT_THREADS", None)  # OMP_NUM_THREADS alone fixes the count
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
