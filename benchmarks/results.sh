@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
-#   bash benchmarks/results.sh [short|seeds]
+#   bash benchmarks/results.sh [short|seeds|full]
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
 # seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
-#        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below).
+#        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below);
+# full:  the same three at full length (every training row, the config's 3 epochs), same dev.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LK=".venv/bin/lorakit"
@@ -41,5 +42,19 @@ seeds)
     --out benchmarks/results/peer_sweep.json
   .venv/bin/python benchmarks/ood.py sweeps/best1/runs/* sweeps/best2/runs/* --data_dir "$DATA"
   ;;
-*) echo "usage: bash benchmarks/results.sh [short|seeds]" >&2; exit 2 ;;
+full)
+  # ~30 min per lorakit run and ~60 per peer run on 2 cores; e.g.
+  #   BEST1="--learning_rate 2e-3" BEST2="--rank 32" PEER_LR=2e-3 bash benchmarks/results.sh full
+  FULL=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000 --eval_steps 500)
+  # shellcheck disable=SC2086
+  $LK sweep "${FULL[@]}" ${BEST1:?set BEST1} --seeds 0,1,2 --output_dir sweeps/full_best1
+  # shellcheck disable=SC2086
+  $LK sweep "${FULL[@]}" ${BEST2:?set BEST2} --seeds 0,1,2 --output_dir sweeps/full_best2
+  .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" \
+    --learning_rates "${PEER_LR:?set PEER_LR}" --seeds 0,1,2 --max_train_samples 0 --epochs 3 \
+    --dev_split 2000 --eval_steps 500 --out benchmarks/results/peer_full.json
+  .venv/bin/python benchmarks/ood.py sweeps/full_best1/runs/* sweeps/full_best2/runs/* \
+    --data_dir "$DATA"
+  ;;
+*) echo "usage: bash benchmarks/results.sh [short|seeds|full]" >&2; exit 2 ;;
 esac
