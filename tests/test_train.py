@@ -92,6 +92,35 @@ def test_train_writes_the_promised_files_and_learns(env: dict[str, Path], tmp_pa
     assert adapter["id2label"] == {"0": "negative", "1": "positive"} and adapter["task"] == "sst2"
 
 
+def test_a_change_of_thread_count_is_logged(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lorakit.train
+
+    threads = torch.get_num_threads()
+    polls = []
+
+    class Busy:  # other processes take all but one core from the second step on
+        def describe(self) -> str:
+            return f"{threads} threads"
+
+        def poll(self) -> int:
+            polls.append(1)
+            torch.set_num_threads(1 if len(polls) >= 2 else threads)
+            return torch.get_num_threads()
+
+    monkeypatch.setattr(lorakit.train, "thread_governor", lambda: Busy())
+    out = tmp_path / "run"
+    try:
+        assert main(_args(env, out, "--num_epochs", "1")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    log = (out / "training_log.txt").read_text()
+    if threads > 1:
+        assert f"⚙ step 2: 1 torch thread (was {threads})" in log
+    assert log.count("⚙") == (1 if threads > 1 else 0)  # said once, not at every step
+
+
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Deliver a real SIGINT right after optimizer step ``step``."""
     original = Loop._optimizer_step

@@ -465,7 +465,7 @@ class Loop:
                     self.sums += self._forward_backward(b, len(rows))
             self._optimizer_step()
             if self.device.type == "cpu":
-                thread_governor().poll()
+                self._share_cpu()
             s.batch_in_epoch += 1
             s.global_step += 1
             seconds = time.perf_counter() - tick
@@ -512,6 +512,17 @@ class Loop:
         n = len(mine)
         correct = (out.logits.argmax(-1) == batch["labels"]).sum() * bool(n)
         return torch.stack([loss.detach() * n, correct.float(), loss.new_tensor(float(n))])
+
+    def _share_cpu(self) -> None:
+        """Let the thread governor follow other processes' load; say so when it changes."""
+        before = torch.get_num_threads()
+        now = thread_governor().poll()
+        if now != before and self.world.is_main:
+            self.log.line(
+                f"  ⚙ step {self.state.global_step + 1}: {now} torch thread"
+                f"{'s' if now != 1 else ''} (was {before}): other processes' use of the cores "
+                "changed (LORAKIT_THREADS=N pins the count)"
+            )
 
     def _optimizer_step(self) -> None:
         if self.t.max_grad_norm:
