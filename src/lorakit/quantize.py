@@ -88,10 +88,15 @@ def _logits(graph: Path, feeds: Feeds) -> np.ndarray:
 
 
 def sensitivity(
-    graph: Path, feeds: Feeds, on_node: Callable[[int, int], None] | None = None
+    graph: Path,
+    feeds: Feeds,
+    on_node: Callable[[int, int], None] | None = None,
+    reference: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Each matmul's mean |logit change| on ``feeds`` when it alone is int8."""
-    reference = _logits(graph, feeds)
+    """Each matmul's mean |logit change| on ``feeds`` when it alone is int8 (``reference``:
+    the fp32 graph's logits on ``feeds``, if already computed)."""
+    if reference is None:
+        reference = _logits(graph, feeds)
     nodes = matmuls(graph)
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lorakit-int8-") as tmp:
@@ -117,10 +122,11 @@ def quantize_int8(
     Returns ``int8_fp32_nodes`` (kept in fp32, most sensitive first) and ``int8_logit_error``
     (mean |logit change| of the whole int8 graph on ``feeds``).
     """
+    reference = _logits(graph, feeds)
     keep: list[str] = []
     if keep_fp32 > 0:
-        scores = sensitivity(graph, feeds, on_node)
+        scores = sensitivity(graph, feeds, on_node, reference)
         keep = sorted(scores, key=lambda n: -scores[n])[:keep_fp32]
     quantize_per_channel(graph, out, None, keep)
-    error = float(np.abs(_logits(out, feeds) - _logits(graph, feeds)).mean())
+    error = float(np.abs(_logits(out, feeds) - reference).mean())
     return {"int8_fp32_nodes": keep, "int8_logit_error": error}

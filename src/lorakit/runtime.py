@@ -138,9 +138,10 @@ class ThreadGovernor:
             torch.set_num_threads(_positive_int("LORAKIT_THREADS", os.environ["LORAKIT_THREADS"]))
         self.max_threads = torch.get_num_threads()
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        self.adaptive = not fixed and self.max_threads > 1 and _cpu_ticks(self.cpus) is not None
         self.changes = 0
-        self._last = self._sample() if self.adaptive else None
+        # one /proc/stat read: the first measurement, and whether there is one at all
+        self._last = self._sample() if not fixed and self.max_threads > 1 else None
+        self.adaptive = self._last is not None
 
     def describe(self) -> str:
         """For banners: "2 threads, fewer while other processes use the cores"."""
