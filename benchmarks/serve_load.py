@@ -6,10 +6,11 @@ Sections (``--sections``, all by default), each checked against the issue's targ
 
 - servers: closed-loop clients (``--clients``) send SST-2 validation sentences to
   ``lorakit serve`` and to benchmarks/peft_server.py (set_adapter + one forward per request),
-  over K=1 adapter (the server holds a0, every request names it) and K=8 (the server holds
-  a0..a7, requests take them round-robin, so batches mix adapters). Targets: K=8 keeps
-  >= 80% of K=1's requests/s; at the most clients lorakit has >= 3x PEFT's requests/s and a
-  lower p99.
+  both holding a0..a7, over K=1 adapter (every request names a0) and K=8 (requests take
+  a0..a7 round-robin, so batches mix adapters); ``--rounds`` times, servers and K taking
+  turns, so that a slow minute of the machine hits both sides of a ratio; medians over the
+  rounds. Targets: K=8 keeps >= 80% of K=1's requests/s; at the most clients lorakit has
+  >= 3x PEFT's requests/s and a lower p99.
 - inprocess: the same ``--rows`` sentences, adapters round-robin, one padded batch:
   ``AdapterSet.logits`` against PEFT's ``model(**batch, adapter_names=...)``, median of
   ``--repeats`` taken in turns; target >= 1.2x; the logits must agree.
@@ -22,7 +23,7 @@ The adapters are MiniLM LoRA r=8 (alpha 8, query/key/value/dense, as configs/sst
 with seeded random weights: throughput does not depend on their values. One server runs at
 a time, with torch's default threads; the clients share the machine. Figures go to ``--out``
 (JSON; sections run separately are merged into it) and the tables to the same name .md.
-About 8 minutes with the defaults. Run it on an otherwise idle machine: with 2 cores, one
+About 15 minutes with the defaults. Run it on an otherwise idle machine: with 2 cores, one
 other busy process slows torch's threads (and so every figure here) several-fold.
 """
 
@@ -60,6 +61,7 @@ QUICK = {
     "seconds": 2.0,
     "warmup": 1.0,
     "clients": "1,4",
+    "rounds": 1,
     "memory_seconds": 2.0,
     "repeats": 5,
     "soak_clients": 8,
@@ -138,21 +140,26 @@ def probe(url: str, names: list[str], text: str) -> dict[str, float]:
 
 
 def servers(args: argparse.Namespace, dirs: dict[str, Path], texts: list[str]) -> dict:
+    """``--rounds`` rounds; in each, every server in turn holds all K adapters, and at every
+    client count a K=1 phase (every request names a0) and a K-adapter phase (round-robin)
+    follow each other: the pairs compared are measured a minute apart, not ten."""
     phases, probes = [], {}
-    for server in ("lorakit", "peft"):
-        for k in sorted({1, len(dirs)}):
-            names = list(dirs)[:k]
+    names = list(dirs)
+    for rnd in range(args.rounds):
+        for server in ("lorakit", "peft"):
             with serving(args, server, dirs, names) as proc:
-                probes[f"{server} K={k}"] = probe(proc.url, names, texts[0])
+                if rnd == 0:
+                    probes[server] = probe(proc.url, names, texts[0])
                 for c in args.clients:
-                    load = drive(proc, names, texts, c, args.warmup + args.seconds, args)
-                    stats = load.stats(args.warmup, args.warmup + args.seconds)
-                    rss = memory_mb(proc.pid)["VmRSS"]
-                    phases.append({"server": server, "adapters": k, "clients": c, **stats})
-                    phases[-1]["rss_mb"] = rss
-                    print(f"  {server} K={k} C={c}: {stats}", flush=True)
-    k = len(dirs)
-    diff = max(abs(probes[f"lorakit K={k}"][n] - probes[f"peft K={k}"][n]) for n in dirs)
+                    for k in sorted({1, len(names)}):
+                        load = drive(proc, names[:k], texts, c, args.warmup + args.seconds, args)
+                        stats = load.stats(args.warmup, args.warmup + args.seconds)
+                        phases.append(
+                            {"round": rnd, "server": server, "adapters": k, "clients": c, **stats}
+                        )
+                        phases[-1]["rss_mb"] = memory_mb(proc.pid)["VmRSS"]
+                        print(f"  round {rnd} {server} K={k} C={c}: {stats}", flush=True)
+    diff = max(abs(probes["lorakit"][n] - probes["peft"][n]) for n in dirs)
     return {"phases": phases, "probe_max_abs_diff": diff, "seconds": args.seconds}
 
 
@@ -274,7 +281,8 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--adapters", type=int, default=8, help="K of the mixed runs")
     p.add_argument("--clients", default="1,16,64", help="concurrency levels, comma-separated")
-    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per level")
+    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per level")
+    p.add_argument("--rounds", type=int, default=3, help="server phases repeated (median)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before each measure")
     p.add_argument("--timeout", type=float, default=30.0, help="per request")
     p.add_argument(
