@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
-#   bash benchmarks/results.sh [short|seeds|full]
+#   bash benchmarks/results.sh [short|seeds|full|mrpc|pooling]
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
 # seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
 #        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below);
 # full:  the same three at full length (every training row, the config's 3 epochs), same dev.
+# mrpc:  the shipped MRPC recipe over 3 seeds, 400 training pairs held out as its dev set.
+# pooling: mean pooling against the [CLS] pooler at the short budget (benchmarks/pooling.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LK=".venv/bin/lorakit"
@@ -56,5 +58,13 @@ full)
   .venv/bin/python benchmarks/ood.py sweeps/full_best1/runs/* sweeps/full_best2/runs/* \
     --data_dir "$DATA"
   ;;
-*) echo "usage: bash benchmarks/results.sh [short|seeds|full]" >&2; exit 2 ;;
+mrpc)
+  # ~5 min per run on 2 cores; F1 chooses the checkpoint (MRPC's GLUE metric)
+  $LK sweep --config configs/mrpc_minilm.yaml --data_dir "$DATA" --dev_split 400 \
+    --seeds 0,1,2 --output_dir sweeps/mrpc
+  ;;
+pooling)
+  .venv/bin/python benchmarks/pooling.py --data_dir "$DATA" --seed 0
+  ;;
+*) echo "usage: bash benchmarks/results.sh [short|seeds|full|mrpc|pooling]" >&2; exit 2 ;;
 esac

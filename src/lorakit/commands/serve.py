@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.extras import require_extra
 
-    # Before torch (and its OpenMP) loads: idle OpenMP threads sleep instead of spinning, so
-    # the event loop, the tokenizer and the model worker do not starve each other on a few
-    # cores (64 clients on 2 cores: 57.6 -> 86.9 requests/s, docs/benchmarks.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is left to the environment: spinning idle threads (its default)
+    # served 1.2-1.5x more requests/s than OMP_WAIT_POLICY=PASSIVE once the load generator no
+    # longer took a core of its own, and the thread governor drops to one thread when other
+    # processes want the cores (docs/benchmarks.md, serving runs 9-11).
     # oneDNN keeps a compiled primitive per tensor shape (1,024 by default); a server sees a
     # new batch shape nearly every batch, so the cache only grows. A small one costs no
     # measurable speed here (docs/benchmarks.md, the long soak).
