@@ -59,7 +59,7 @@ full)
     --data_dir "$DATA"
   ;;
 mrpc)
-  # ~5 min per run on 2 cores; F1 chooses the checkpoint (MRPC's GLUE metric)
+  # ~9 min per run on 2 cores; F1 chooses the checkpoint (MRPC's GLUE metric)
   $LK sweep --config configs/mrpc_minilm.yaml --data_dir "$DATA" --dev_split 400 \
     --seeds 0,1,2 --output_dir sweeps/mrpc
   ;;
