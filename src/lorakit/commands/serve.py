@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.extras import require_extra
 
     # OpenMP's wait policy is left to the environment: spinning idle threads (its default)
-    # served 1.2-1.5x more requests/s than OMP_WAIT_POLICY=PASSIVE once the load generator no
+    # served 1.2-1.6x more requests/s than OMP_WAIT_POLICY=PASSIVE once the load generator no
     # longer took a core of its own, and the thread governor drops to one thread when other
     # processes want the cores (docs/benchmarks.md, serving runs 9-11).
     # oneDNN keeps a compiled primitive per tensor shape (1,024 by default); a server sees a
