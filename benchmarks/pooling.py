@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -138,7 +137,6 @@ def main() -> None:
             f"{100 * r['dev_accuracy']:.2f} | {100 * r['validation_accuracy']:.2f} | "
             f"{r['examples_per_sec']:.1f} |"
         )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

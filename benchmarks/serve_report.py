@@ -46,7 +46,10 @@ def servers(r: dict) -> tuple[list[str], list[Target]]:
     at = {(p.get("round", 0), p["server"], p["adapters"], p["clients"]): p for p in phases}
 
     def each(server: str, n: int, c: int, key: str) -> list[float]:
-        return [at[rd, server, n, c][key] for rd in rounds if (rd, server, n, c) in at]
+        """``key`` of that phase in every round that ran it (NaN where a run lacks it)."""
+        return [
+            at[rd, server, n, c].get(key, float("nan")) for rd in rounds if (rd, server, n, c) in at
+        ]
 
     def ratios(a: tuple[str, int], b: tuple[str, int], c: int) -> list[float]:
         """Per round, req/s of ``a`` over ``b`` (server, K), at ``c`` clients."""
@@ -75,10 +78,7 @@ def servers(r: dict) -> tuple[list[str], list[Target]]:
                 if not each(server, n, c, "requests_per_sec"):
                     continue
                 cores = [
-                    f"{_median(each(server, n, c, key)):.2f}"
-                    if all(key in at[rd, server, n, c] for rd in rounds if (rd, server, n, c) in at)
-                    else "?"
-                    for key in ("server_cores", "client_cores")
+                    _median(each(server, n, c, key)) for key in ("server_cores", "client_cores")
                 ]
                 lines.append(
                     f"| {name} | {n} | {c} | {_spread(each(server, n, c, 'requests_per_sec'))} | "
@@ -86,7 +86,8 @@ def servers(r: dict) -> tuple[list[str], list[Target]]:
                     f"{_median(each(server, n, c, 'p95_ms')):.0f} | "
                     f"{_median(each(server, n, c, 'p99_ms')):.0f} | "
                     f"{sum(each(server, n, c, 'failed'))} | "
-                    f"{_median(each(server, n, c, 'rss_mb')):.0f} | {cores[0]} / {cores[1]} |"
+                    f"{_median(each(server, n, c, 'rss_mb')):.0f} | "
+                    f"{cores[0]:.2f} / {cores[1]:.2f} |"
                 )
     lines += [
         "",
