@@ -19,6 +19,7 @@ import argparse
 import datetime
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -127,21 +128,38 @@ def section(
     ]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", default="../shared/data")
-    p.add_argument("--config", default="configs/sst2_minilm.yaml")
-    p.add_argument("--train_batches", type=int, default=60)
-    p.add_argument("--rows", type=int, default=12, help="operators listed per table")
-    p.add_argument("--no_docs", action="store_true", help="print only")
-    args = p.parse_args()
+@dataclass
+class Recipe:
+    """A config's training step and merged prediction batch, as lorakit runs them."""
+
+    train_step: Step
+    predict_step: Step
+    train_data: Encoded
+    eval_data: Encoded
+    order: list[np.ndarray]  # the first epoch's training batches, in the run's order
+    model: torch.nn.Module
+    batch_size: int
+
+    def merge_for_prediction(self) -> None:
+        self.model.eval()
+        unwrap_lora(self.model)  # merges, then restores the plain base layers
+
+
+def recipe(
+    config_path: str,
+    data_dir: str,
+    overrides: dict | None = None,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+) -> Recipe:
+    """``prepare`` may change what trains before the optimizer is built."""
     torch.manual_seed(0)
-    config = load_config(args.config, {"data.data_dir": args.data_dir})
+    config = load_config(config_path, {"data.data_dir": data_dir, **(overrides or {})})
     t = config.training
     tokenizer = load_tokenizer(config.model_name)
     train_ex, train_data, eval_data, _ = load_data(config, tokenizer)
-    device = torch.device("cpu")
-    model = build_model(config, train_ex.label_names, device)
+    model = build_model(config, train_ex.label_names, torch.device("cpu"))
+    if prepare is not None:
+        prepare(model)
     optimizer, scheduler, _ = build_optimizer(config, model, len(train_ex.texts))
     params = [q for g in optimizer.param_groups for q in g["params"]]
 
@@ -161,11 +179,23 @@ def main() -> None:
         with torch.inference_mode(), record_function("phase:forward"):
             model(**{k: v for k, v in collate(eval_data, idx).items() if k != "labels"})
 
-    peak = matmul_peak_gflops()
     order = batch_order(train_data.lengths, t.batch_size, t.seed, 0, t.group_by_length)
     model.train()
-    for idx in order[:5]:  # warm-up: allocator, first optimizer step
-        train_step(idx)
+    return Recipe(train_step, predict_step, train_data, eval_data, order, model, t.batch_size)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default="../shared/data")
+    p.add_argument("--config", default="configs/sst2_minilm.yaml")
+    p.add_argument("--train_batches", type=int, default=60)
+    p.add_argument("--rows", type=int, default=12, help="operators listed per table")
+    p.add_argument("--no_docs", action="store_true", help="print only")
+    args = p.parse_args()
+    r = recipe(args.config, args.data_dir)
+    peak = matmul_peak_gflops()
+    for idx in r.order[:5]:  # warm-up: allocator, first optimizer step
+        r.train_step(idx)
     lines = [
         f"### Profile: training step and prediction vs the compute bound, {datetime.date.today()}",
         "",
@@ -177,20 +207,19 @@ def main() -> None:
         "",
     ]
     lines += section(
-        f"Training, {args.config}, batch {t.batch_size}",
-        train_step,
-        train_data,
-        order[5 : 5 + args.train_batches],
+        f"Training, {args.config}, batch {r.batch_size}",
+        r.train_step,
+        r.train_data,
+        r.order[5 : 5 + args.train_batches],
         peak,
         args.rows,
     )
-    model.eval()
-    unwrap_lora(model)  # merges, then restores the plain base layers
+    r.merge_for_prediction()
     lines += section(
         "Prediction, merged, batch 64 length-sorted",
-        predict_step,
-        eval_data,
-        eval_order(eval_data.lengths, 64),
+        r.predict_step,
+        r.eval_data,
+        eval_order(r.eval_data.lengths, 64),
         peak,
         args.rows,
     )

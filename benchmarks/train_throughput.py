@@ -42,9 +42,8 @@ def run_lorakit(data_dir: str, samples: int, out: Path) -> dict:
     from lorakit.train import train
 
     config = load_config(
-        None,
+        ROOT / "configs" / "sst2_minilm.yaml",
         {
-            "model_name": "minilm",
             "data.data_dir": data_dir,
             "training.output_dir": str(out),
             "training.overwrite": True,
