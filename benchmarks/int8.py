@@ -16,7 +16,7 @@ Throughput: every variant predicts the whole set ``--repeats`` times, the varian
 turns (the order rotates each round) so that drifts in machine speed hit them alike; the
 median is reported with the spread. The fp32 matmul probe of benchmarks/profile_step.py gives
 the compute bound of the torch merged model (FLOPs counted by torch on these batches).
-Writes benchmarks/results/int8.json and appends a section to docs/benchmarks.md.
+Writes benchmarks/results/int8.json and appends a section to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations

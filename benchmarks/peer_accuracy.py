@@ -7,7 +7,7 @@ query/key/value/dense (PEFT defaults otherwise: alpha 8, dropout 0), 3 epochs, b
 length-grouped batches, bf16 where the CPU computes it natively (fp32 otherwise). This trains it
 on all 67,349 training rows, evaluates the 872 validation rows after every epoch, and prints the
 accuracy per epoch, the runtime, examples/s and peak RSS, so the peer is measured beside lorakit
-on the same machine instead of quoted. Appends a table to docs/benchmarks.md unless --no_docs.
+on the same machine instead of quoted. Appends a table to docs/benchmarks-log.md unless --no_docs.
 """
 
 from __future__ import annotations

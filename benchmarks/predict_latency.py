@@ -8,7 +8,7 @@ lora_B, so the unmerged branch really computes. Every variant runs the same ``Pr
 (median and 90th percentile); batch-64 throughput over all sentences, each batch timed
 ``--repeats`` times (median). The variants take turns sentence by sentence and batch by
 batch, so drifts in machine speed hit them alike. Run it on an otherwise idle machine.
-Prints a markdown table for docs/benchmarks.md.
+Prints a markdown table for docs/benchmarks-log.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ sentences: batched throughput (PEFT: ``Trainer.predict`` with its default eval b
 dataset order; lorakit: merged weights, length-sorted batches of 64) and batch-1 latency
 (tokenize + forward of one sentence, median over 200); then the same predictor over the graphs
 ``lorakit export`` writes, fp32 and ``--quantize int8``, through onnxruntime. Prints a
-markdown table and appends it to docs/benchmarks.md with the command and the date.
+markdown table and appends it to docs/benchmarks-log.md with the command and the date.
 """
 
 from __future__ import annotations

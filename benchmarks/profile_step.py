@@ -10,7 +10,7 @@ validation split in length-sorted batches of 64, as ``lorakit predict`` runs it.
 For each it reports: FLOPs per example counted by ``torch.utils.flop_counter`` on the very
 batches timed, the measured examples/s, the fp32 matmul peak of this CPU, and so the bound
 (peak / FLOPs per example) and the fraction of it reached; then a torch.profiler table of the
-operators that take the time. Prints markdown and appends it to docs/benchmarks.md.
+operators that take the time. Prints markdown and appends it to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations

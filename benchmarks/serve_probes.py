@@ -1,4 +1,4 @@
-"""Two small probes behind the serving notes in docs/benchmarks.md (runs 9-11).
+"""Two small probes behind the serving notes in docs/benchmarks-log.md (runs 9-11).
 
     .venv/bin/python benchmarks/serve_probes.py phases --clients 16 --repeats 1
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/serve_probes.py phases --clients 16

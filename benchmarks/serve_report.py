@@ -1,4 +1,4 @@
-"""Markdown for docs/benchmarks.md from benchmarks/serve_load.py's JSON, targets checked.
+"""Markdown for docs/benchmarks-log.md from benchmarks/serve_load.py's JSON, targets checked.
 
 .venv/bin/python benchmarks/serve_report.py benchmarks/results/serve_load.json
 """

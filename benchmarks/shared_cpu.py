@@ -9,7 +9,7 @@ timed after a warm-up. Competitors: none ("alone"), a Python busy loop (one core
 a torch matmul loop on 2 threads (another torch job). Policies: lorakit's default (the
 governor, ``lorakit.runtime.ThreadGovernor``) and a fixed thread count of all cores
 (``LORAKIT_THREADS``, i.e. what torch does by default). Writes
-benchmarks/results/shared_cpu.json and appends a section to docs/benchmarks.md.
+benchmarks/results/shared_cpu.json and appends a section to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations

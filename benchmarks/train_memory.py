@@ -11,7 +11,7 @@ bert-base-uncased's config (``BertConfig()``) and random weights, so no download
 ``--malloc default`` leaves glibc's self-adjusting mmap threshold; ``pinned`` runs the child with
 ``MALLOC_MMAP_THRESHOLD_=4194304`` (blocks above 4 MiB always mmapped, so freed activations go
 back to the system); give both to compare. Prints a markdown table and appends it
-to docs/benchmarks.md.
+to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations

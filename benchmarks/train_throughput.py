@@ -6,7 +6,7 @@ Each variant trains the embedded MiniLM with LoRA r=8 on query/key/value/dense, 
 lr 5e-4, on the same first ``--samples`` SST-2 training rows, in its own process (so peak RSS
 is its own), then evaluates on the full validation split. Steady-state examples/s excludes
 model loading and the first optimizer steps. Prints a markdown table and appends it to
-docs/benchmarks.md with the command and the date.
+docs/benchmarks-log.md with the command and the date.
 """
 
 from __future__ import annotations
@@ -224,10 +224,10 @@ def print_table(rows: dict, args: argparse.Namespace) -> None:
 
 
 def publish(text: str, print_only: bool) -> None:
-    """Print a benchmark's markdown and append it to docs/benchmarks.md."""
+    """Print a benchmark's markdown and append it to docs/benchmarks-log.md."""
     print(text)
     if not print_only:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
+        with (ROOT / "docs" / "benchmarks-log.md").open("a") as f:
             f.write("\n" + text)
 
 

@@ -2,7 +2,7 @@
 
 On CPU, ``nn.Dropout`` draws its mask element by element from torch's Mersenne Twister: about
 2.4 ms for one (500, 384) activation on the AVX2 machines here, ~10% of a MiniLM LoRA training
-step for the 13 hidden-state dropouts (docs/benchmarks.md). ``FastDropout`` draws the same
+step for the 13 hidden-state dropouts (docs/benchmarks-log.md). ``FastDropout`` draws the same
 Bernoulli mask from numpy's PCG64, 16 bits per element, ~3x faster end to end. It keeps
 element ``i`` when ``bits[i] >= round(p · 65536)``, so the drop rate is ``p`` to within
 1/131072 (0.1 becomes 0.100006), and scales kept elements by ``1 / (1 - p)`` as usual.

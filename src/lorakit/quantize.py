@@ -1,7 +1,7 @@
 """int8 ONNX graphs close to the fp32 accuracy: per-channel weights, the most sensitive
 matmuls left in fp32 (chosen by measurement).
 
-Measured on the shipped SST-2 adapter (docs/benchmarks.md, int8): onnxruntime's default
+Measured on the shipped SST-2 adapter (docs/benchmarks-log.md, int8): onnxruntime's default
 dynamic quantization (one scale per weight tensor) lost 1.4 points of validation accuracy, one
 scale per output channel 0.6. The sensitivity of MiniLM's matmuls is lopsided: six of them move
 the logits 2-3x more than any other when quantized alone, and keeping those six in fp32
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 Feeds = Sequence[dict[str, np.ndarray]]  # input batches: name -> int64 (batch, seq)
-DEFAULT_KEEP_FP32 = 6  # chosen on training rows (docs/benchmarks.md, int8): 1 flip in 2,000
+DEFAULT_KEEP_FP32 = 6  # chosen on training rows (docs/benchmarks-log.md, int8): 1 flip in 2,000
 
 
 @contextmanager

@@ -121,7 +121,7 @@ class ThreadGovernor:
 
     Two torch processes on 2 cores, each with 2 threads, slow each other up to 30x: a thread
     that reaches OpenMP's barrier spin-waits for its partner, which another process has
-    descheduled (docs/benchmarks.md, shared machines). Every ``interval`` seconds ``poll``
+    descheduled (docs/benchmarks-log.md, shared machines). Every ``interval`` seconds ``poll``
     measures, from ``/proc/stat`` and this process's own CPU time, how many of our cores other
     processes (and the hypervisor's steal) kept busy, and sets the thread count to the rest
     (at least 1, at most the count it started with). Alone it changes nothing.

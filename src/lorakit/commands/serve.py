@@ -94,17 +94,17 @@ def run(args: argparse.Namespace) -> int:
     # OpenMP's wait policy is left to the environment: spinning idle threads (its default)
     # served 1.2-1.6x more requests/s than OMP_WAIT_POLICY=PASSIVE once the load generator no
     # longer took a core of its own, and the thread governor drops to one thread when other
-    # processes want the cores (docs/benchmarks.md, serving runs 9-11).
+    # processes want the cores (docs/benchmarks-log.md, serving runs 9-11).
     # oneDNN keeps a compiled primitive per tensor shape (1,024 by default); a server sees a
     # new batch shape nearly every batch, so the cache only grows. A small one costs no
-    # measurable speed here (docs/benchmarks.md, the long soak).
+    # measurable speed here (docs/benchmarks-log.md, the long soak).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
     require_extra("serve", "lorakit serve")
     from lorakit.runtime import pin_mmap_threshold
     from lorakit.serve import ServeSettings, build_server, run_server
 
     # Batches of ever-changing shapes would otherwise fragment the heap (with the two settings
-    # above and the batcher's periodic trim: docs/benchmarks.md, the long soaks).
+    # above and the batcher's periodic trim: docs/benchmarks-log.md, the long soaks).
     pin_mmap_threshold()
 
     for flag in (
