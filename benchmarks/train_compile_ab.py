@@ -54,7 +54,9 @@ def main() -> None:
             tick = time.perf_counter()
             r.train_step(idx)
             times[name].append(time.perf_counter() - tick)
-    paired = statistics.median(e / c for e, c in zip(times["eager"], times["compiled"]))
+    paired = statistics.median(
+        [e / c for e, c in zip(times["eager"], times["compiled"], strict=True)]
+    )
     total = sum(times["eager"]) / sum(times["compiled"])
     lines = [
         f"### torch.compile for training, paired A/B, {datetime.date.today()}",
