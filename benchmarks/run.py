@@ -78,6 +78,7 @@ PREDICT = {
     "lorakit": "lorakit predict, merged (batch 64, length-sorted)",
     "onnx_fp32": "lorakit predict --onnx, fp32",
     "onnx_int8": "lorakit predict --onnx, int8 (`export --quantize int8`)",
+    "onnx_int8_all": "the same, every matmul int8 (`--int8_keep_fp32 0`)",
 }
 
 
@@ -281,14 +282,14 @@ def export_graphs(adapter: Path, data_dir: str) -> dict:
 
     folder = ROOT / "runs" / "suite" / "onnx"
     folder.mkdir(parents=True, exist_ok=True)
-    fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
+    fp32, int8, int8_all = folder / "fp32.onnx", folder / "int8.onnx", folder / "int8_all.onnx"
     export_onnx(adapter, fp32, overwrite=True)
+    export_onnx(adapter, int8_all, overwrite=True, quantize="int8", keep_fp32=0)
     calibration = Path(data_dir) / "sst2" / "train.tsv"
     tick = time.perf_counter()
     info = export_onnx(adapter, int8, overwrite=True, quantize="int8", calibration=calibration)
     return {
-        "fp32": str(fp32),
-        "int8": str(int8),
+        "paths": {"fp32": str(fp32), "int8": str(int8), "int8_all": str(int8_all)},
         "int8_export_seconds": time.perf_counter() - tick,
         "int8_fp32_nodes": len(info["int8_fp32_nodes"]),
     }
@@ -310,7 +311,10 @@ def benchmarks(suite: Suite, data_dir: str, adapter: Path, graphs: dict) -> dict
     jobs["train.floor"] = lambda s=spec: run_child("floor", s)
     for v in PREDICT:
         spec = {"variant": v, "data_dir": data_dir, "adapter": str(adapter)}
-        spec |= {"passes": suite.predict_passes, "graph": graphs.get(v.removeprefix("onnx_"))}
+        spec |= {
+            "passes": suite.predict_passes,
+            "graph": graphs["paths"].get(v.removeprefix("onnx_")),
+        }
         jobs[f"predict.{v}"] = lambda s=spec: run_child("predict", s)
     competitors = {"alone": None, "busy": BUSY}
     if suite.torch_competitor:
@@ -360,7 +364,7 @@ def run_suite(name: str, data_dir: str, adapter: Path | None, rounds: int | None
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "machine": machine(),
         "adapter": str(adapter),
-        "graphs": {k: v for k, v in graphs.items() if k not in ("fp32", "int8")},
+        "graphs": {k: v for k, v in graphs.items() if k != "paths"},
         "flops": flops,
         "rounds": samples,
     }
@@ -554,6 +558,8 @@ def render(record: dict) -> str:
     ]
     for v, label in PREDICT.items():
         b = f"predict.{v}"
+        if b not in res[0]["results"]:  # a record from before the variant was added
+            continue
         acc = med(b, "accuracy").median
         delta = 100 * (acc - med("predict.lorakit", "accuracy").median)
         lines.append(
