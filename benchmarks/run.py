@@ -63,7 +63,7 @@ class Suite:
 
 SUITES = {
     "quick": Suite(3, 2048, 3, 30, 2, False, 8000),
-    "full": Suite(5, 4096, 5, 60, 3, True, 0),
+    "full": Suite(5, 4096, 5, 60, 3, True, 8000),
 }
 
 TRAIN = {
@@ -334,7 +334,7 @@ def run_suite(name: str, data_dir: str, adapter: Path | None, rounds: int | None
         sys.exit("benchmarks/run.py: --rounds must be at least 3 (a median of fewer is no median)")
     started = datetime.datetime.now(datetime.UTC)
     if adapter is None:
-        adapter = suite_adapter(data_dir, suite.adapter_rows or 8000)
+        adapter = suite_adapter(data_dir, suite.adapter_rows)
     graphs = export_graphs(adapter, data_dir)
     print(f"graphs exported ({graphs['int8_export_seconds']:.0f} s for int8)", flush=True)
     flops = run_child("flops", {"data_dir": data_dir, "train_rows": suite.train_rows})
@@ -394,10 +394,6 @@ class Stat:
 def per_round(record: dict, fn: Any) -> Stat:
     """A figure computed inside each round (so a ratio sees one machine state), over rounds."""
     return Stat.of([fn(r["results"], r["probe_gflops"]) for r in record["rounds"]])
-
-
-def rate(bench: str) -> Any:
-    return lambda res, _peak: res[bench]["examples_per_sec"]
 
 
 def ratio(bench: str, base: str, key: str = "examples_per_sec") -> Any:
