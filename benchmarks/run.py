@@ -471,8 +471,8 @@ def limits(s: dict[str, Stat]) -> dict[str, str]:
             f"here (lorakit runs at {s['lorakit_vs_floor'].median:.0%} of it). What holds "
             "the floor down: dropout on the hidden states and attention probabilities (the "
             "step ran 1.34x faster with none in the paired A/B of benchmarks/train_step_ab.py), "
-            "matmuls of a few hundred token rows that run well below the probe's 2,048-row "
-            "rate, and eager PyTorch's separate LayerNorm, GELU, softmax and add kernels. "
+            "the attention's per-head products over sequences of ~16 tokens, and eager "
+            "PyTorch's separate LayerNorm, GELU, softmax and add kernels. "
             "torch.compile did not pay (benchmarks/train_compile_ab.py; "
             "[benchmarks-log.md](benchmarks-log.md))."
         ),
@@ -480,9 +480,9 @@ def limits(s: dict[str, Stat]) -> dict[str, str]:
             "PEFT's merged model on the same sorted batches runs at "
             f"{s['peft_merged_vs_lorakit'].median:.2f}x lorakit's: at inference both are the "
             "same eager BERT forward, and that forward reaches "
-            f"{s['predict_of_bound'].median:.0%} of the bound. Batches of 64 short sentences "
-            "make matmuls of a few hundred rows, and attention, softmax, LayerNorm and GELU run "
-            "as separate kernels. The int8 graph keeps the most sensitive matmuls fp32 (the "
+            f"{s['predict_of_bound'].median:.0%} of the bound. Tokenising is inside the timed "
+            "path, and the attention's per-head products, softmax, LayerNorm and GELU run as "
+            "separate kernels. The int8 graph keeps the most sensitive matmuls fp32 (the "
             "feed-forward ones, which carry most of the FLOPs) to hold accuracy; all-int8 is "
             "faster and less accurate (benchmarks/int8.py, [benchmarks-log.md](benchmarks-log.md))."
         ),
