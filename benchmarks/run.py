@@ -333,6 +333,8 @@ def run_suite(name: str, data_dir: str, adapter: Path | None, rounds: int | None
     if n_rounds < 3:
         sys.exit("benchmarks/run.py: --rounds must be at least 3 (a median of fewer is no median)")
     started = datetime.datetime.now(datetime.UTC)
+    commit = git("rev-parse", "--short", "HEAD")  # the code measured, before anything moves
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     if adapter is None:
         adapter = suite_adapter(data_dir, suite.adapter_rows)
     graphs = export_graphs(adapter, data_dir)
@@ -352,7 +354,6 @@ def run_suite(name: str, data_dir: str, adapter: Path | None, rounds: int | None
                 flush=True,
             )
         samples.append(round_)
-    commit = git("rev-parse", "--short", "HEAD")
     record = {
         "suite": name,
         "settings": asdict(suite) | {"rounds": n_rounds},
@@ -361,7 +362,7 @@ def run_suite(name: str, data_dir: str, adapter: Path | None, rounds: int | None
         "started": started.isoformat(timespec="seconds"),
         "minutes": round((datetime.datetime.now(datetime.UTC) - started).total_seconds() / 60, 1),
         "commit": commit,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": dirty,
         "machine": machine(),
         "adapter": str(adapter),
         "graphs": {k: v for k, v in graphs.items() if k != "paths"},
