@@ -41,22 +41,34 @@ def _timed(fn, repeat: int = 1) -> float:  # noqa: ANN001
     return (time.perf_counter() - start) / repeat
 
 
-def peft_side(adapter: Path, texts: list[str], labels: np.ndarray) -> dict:
-    from datasets import Dataset
+def peft_model(adapter: Path):  # noqa: ANN201
+    """The embedded MiniLM with ``adapter`` loaded by PEFT, and its tokenizer."""
     from peft import PeftModel
+
+    base = load_model("minilm", {0: "negative", 1: "positive"})
+    return PeftModel.from_pretrained(base, str(adapter)).eval(), load_tokenizer("minilm")
+
+
+def trainer_predict(model, tokenizer, texts: list[str]):  # noqa: ANN001, ANN201
+    """``texts``' logits the way a Trainer user gets them: ``Trainer.predict`` with its
+    defaults (eval batch 8, dataset order), as a no-argument callable."""
+    from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    tokenizer = load_tokenizer("minilm")
-    base = load_model("minilm", {0: "negative", 1: "positive"})
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
     ds = Dataset.from_dict({**tokenizer(texts, truncation=True, max_length=128)})
     trainer = Trainer(
         model=model,
         args=TrainingArguments(output_dir=str(ROOT / "runs" / "bench"), report_to=[], use_cpu=True),
         data_collator=DataCollatorWithPadding(tokenizer),
     )
+    return lambda: np.asarray(trainer.predict(ds).predictions)
+
+
+def peft_side(adapter: Path, texts: list[str], labels: np.ndarray) -> dict:
+    model, tokenizer = peft_model(adapter)
+    predict = trainer_predict(model, tokenizer, texts)
     preds: list[np.ndarray] = []
-    seconds = _timed(lambda: preds.append(trainer.predict(ds).predictions))
+    seconds = _timed(lambda: preds.append(predict()))
     one = []
     with torch.inference_mode():
         for text in texts[:LATENCY_SAMPLES]:

@@ -46,8 +46,6 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 CONFIG = ROOT / "configs" / "sst2_minilm.yaml"
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 PACKAGES = ("torch", "transformers", "peft", "onnxruntime", "datasets")
-BUSY = "while True: pass"
-TORCH_JOB = "import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nwhile True: a @ a"
 
 
 @dataclass(frozen=True)
@@ -140,29 +138,16 @@ def _predict_fn(spec: dict, texts: list[str]) -> Any:
     import numpy as np
     import torch
 
-    from lorakit.models import load_model, load_tokenizer
     from lorakit.predict import Predictor
 
     variant, adapter = spec["variant"], spec["adapter"]
     if variant.startswith("peft"):
-        from peft import PeftModel
+        from predict_throughput import peft_model, trainer_predict
 
-        tokenizer = load_tokenizer("minilm")
-        base = load_model("minilm", {0: "negative", 1: "positive"})
-        model = PeftModel.from_pretrained(base, adapter).eval()
+        model, tokenizer = peft_model(Path(adapter))
     if variant == "peft_trainer":
-        from datasets import Dataset
-        from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
-        ds = Dataset.from_dict({**tokenizer(texts, truncation=True, max_length=128)})
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=str(ROOT / "runs" / "bench"), report_to=[], use_cpu=True
-            ),
-            data_collator=DataCollatorWithPadding(tokenizer),
-        )
-        return lambda: np.asarray(trainer.predict(ds).predictions).argmax(-1)
+        predict = trainer_predict(model, tokenizer, texts)
+        return lambda: predict().argmax(-1)
     if variant == "peft_merged":
         merged = model.merge_and_unload().eval()
         ids = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
@@ -301,6 +286,16 @@ def shared(kind: str, steps: int, data_dir: str, competitor: str | None) -> dict
     return measure(kind, steps, data_dir, {}, competitor)
 
 
+def competitors(with_torch: bool) -> dict[str, str | None]:
+    """shared_cpu.py's competitors, by short name."""
+    from shared_cpu import COMPETITORS
+
+    names = {"alone": "alone", "busy": "a busy process (1 core)"}
+    if with_torch:
+        names["torch"] = "another torch job (2 threads)"
+    return {short: COMPETITORS[long] for short, long in names.items()}
+
+
 def benchmarks(suite: Suite, data_dir: str, adapter: Path, graphs: dict) -> dict[str, Any]:
     """Name -> a no-argument function measuring it in fresh processes."""
     jobs: dict[str, Any] = {}
@@ -316,11 +311,8 @@ def benchmarks(suite: Suite, data_dir: str, adapter: Path, graphs: dict) -> dict
             "graph": graphs["paths"].get(v.removeprefix("onnx_")),
         }
         jobs[f"predict.{v}"] = lambda s=spec: run_child("predict", s)
-    competitors = {"alone": None, "busy": BUSY}
-    if suite.torch_competitor:
-        competitors["torch"] = TORCH_JOB
     for kind, steps in (("train", suite.shared_steps), ("predict", suite.shared_rounds)):
-        for cname, comp in competitors.items():
+        for cname, comp in competitors(suite.torch_competitor).items():
             jobs[f"shared.{kind}.{cname}"] = lambda k=kind, n=steps, c=comp: shared(
                 k, n, data_dir, c
             )
@@ -431,10 +423,7 @@ def summarize(record: dict) -> dict[str, Stat]:
     }
     for kind in ("train", "predict"):
         out[f"shared_{kind}"] = per_round(
-            record,
-            lambda res, _p, k=kind: (
-                res[f"shared.{k}.busy"]["rate"] / res[f"shared.{k}.alone"]["rate"]
-            ),
+            record, ratio(f"shared.{kind}.busy", f"shared.{kind}.alone", "rate")
         )
     return out
 
@@ -580,12 +569,7 @@ def render(record: dict) -> str:
     for kind in ("train", "predict"):
         row = f"| {kind} | {med(f'shared.{kind}.alone', 'rate').fmt()} |"
         for c in comps:
-            share = per_round(
-                record,
-                lambda r, _p, k=kind, c=c: (
-                    r[f"shared.{k}.{c}"]["rate"] / r[f"shared.{k}.alone"]["rate"]
-                ),
-            )
+            share = per_round(record, ratio(f"shared.{kind}.{c}", f"shared.{kind}.alone", "rate"))
             row += f" {med(f'shared.{kind}.{c}', 'rate').fmt()} | {share.fmt('.0%')} |"
         lines.append(row)
     lines += ["", f"What limits it: {why['shared']}", ""]
