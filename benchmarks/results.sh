@@ -60,14 +60,15 @@ full)
     --learning_rates "${PEER_LR:?set PEER_LR}" --seeds 0,1,2 --max_train_samples 0 --epochs 3 \
     --dev_split 2000 --eval_steps 500 --out benchmarks/results/peer_full.json
   .venv/bin/python benchmarks/ood.py sweeps/full_best1/runs/* sweeps/full_shipped/runs/* \
-    sweeps/full_best2/runs/* --data_dir "$DATA"
+    sweeps/full_best2/runs/* --data_dir "$DATA" --out benchmarks/results/ood_full.jsonl
   ;;
 ceiling)
   # ~40 min per run on 2 cores; lr 5e-5, the full fine-tuning rate of the short baseline
   FULL=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000 --eval_steps 500)
   $LK sweep "${FULL[@]}" --method full --learning_rate 5e-5 --seeds "${SEEDS:-0}" \
     --output_dir sweeps/full_ft
-  .venv/bin/python benchmarks/ood.py sweeps/full_ft/runs/* --data_dir "$DATA"
+  .venv/bin/python benchmarks/ood.py sweeps/full_ft/runs/* --data_dir "$DATA" \
+    --out benchmarks/results/ood_full.jsonl
   ;;
 mrpc)
   # ~9 min per run on 2 cores; F1 chooses the checkpoint (MRPC's GLUE metric)
