@@ -46,7 +46,7 @@ seeds)
   .venv/bin/python benchmarks/ood.py sweeps/best1/runs/* sweeps/best2/runs/* --data_dir "$DATA"
   ;;
 full)
-  # ~30 min per lorakit run and ~60 per peer run on 2 cores; e.g.
+  # ~25 min per lorakit run and ~35 per peer run on 2 cores; e.g.
   #   BEST1="--learning_rate 2e-3" BEST2="--rank 32" PEER_LR=2e-3 bash benchmarks/results.sh full
   FULL=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000 --eval_steps 500)
   # shellcheck disable=SC2086
@@ -63,7 +63,7 @@ full)
     sweeps/full_best2/runs/* --data_dir "$DATA" --out benchmarks/results/ood_full.jsonl
   ;;
 ceiling)
-  # ~40 min per run on 2 cores; lr 5e-5, the full fine-tuning rate of the short baseline
+  # ~55 min per run on 2 cores; lr 5e-5, the full fine-tuning rate of the short baseline
   FULL=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000 --eval_steps 500)
   $LK sweep "${FULL[@]}" --method full --learning_rate 5e-5 --seeds "${SEEDS:-0}" \
     --output_dir sweeps/full_ft
