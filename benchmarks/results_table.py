@@ -10,7 +10,7 @@ A lorakit row reads a sweep's ``sweep.csv`` as copied to ``benchmarks/results/sw
 (``benchmarks/ood.py --out``) of ``sweeps/NAME/runs/*``. A peer row reads
 ``benchmarks/peer_sweep.py``'s JSON (one row per learning rate; the out-of-domain scores are in
 it). Figures are percent, mean ± sample standard deviation over the seeds found; a column a
-run lacks shows "–" and the seeds column says how many runs each row holds.
+run lacks shows "—" and the seeds column says how many runs each row holds.
 """
 
 from __future__ import annotations
@@ -71,15 +71,9 @@ def peer_rows(label: str, path: Path) -> list[dict]:
     ]
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def render(rows: list[dict]) -> str:
+    from lorakit.sweep import mean_std
+
     lines = [
         "| run | seeds | " + " | ".join(COLUMNS) + " | examples/s |",
         "|---|---|" + "---:|" * (len(COLUMNS) + 1),

@@ -62,8 +62,8 @@ def test_peer_rows_split_by_learning_rate_and_missing_scores_show_a_dash(tmp_pat
     path.write_text(json.dumps({"runs": runs}))
     lines = table.render(table.peer_rows("peer", path)).splitlines()[2:]
     assert lines == [
-        "| peer (lr 0.001) | 0 | 80.00 | 70.00 | 60.00 | – | – | 50.0 |",
-        "| peer (lr 0.002) | 0 | 90.00 | 85.00 | – | – | – | 60.0 |",
+        "| peer (lr 0.001) | 0 | 80.00 | 70.00 | 60.00 | — | — | 50.0 |",
+        "| peer (lr 0.002) | 0 | 90.00 | 85.00 | — | — | — | 60.0 |",
     ]
 
 

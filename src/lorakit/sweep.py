@@ -380,7 +380,7 @@ class Sweep:
         p = points[0]
         return (
             f"🏆 best on {self.selected_on}: {p['point']} ({p['metric']}: dev "
-            f"{_mean_std(p['dev'])}, validation {_mean_std(p['validation'])}, {p['n']} seeds)"
+            f"{mean_std(p['dev'])}, validation {mean_std(p['validation'])}, {p['n']} seeds)"
         )
 
     def markdown(self, points: list[dict[str, Any]]) -> str:
@@ -419,8 +419,8 @@ class Sweep:
                 str(i),
                 *(str(p["values"][h]) for h in head),
                 str(p["n"]),
-                _mean_std(p["dev"]),
-                _mean_std(p["validation"]),
+                mean_std(p["dev"]),
+                mean_std(p["validation"]),
                 f"{p['trainable_params']:,.0f}" if p["trainable_params"] else "",
                 f"{p['adapter_kib']:,.0f}" if p["adapter_kib"] else "",
                 f"{p['examples_per_sec']:.1f}" if p["examples_per_sec"] else "",
@@ -486,7 +486,8 @@ def std(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float]) -> str:
+    """Mean ± sample standard deviation to two decimals ("—" for none, the value for one)."""
     if not values:
         return "—"
     if len(values) == 1:
