@@ -4,13 +4,14 @@
         --learning_rates 5e-4,1e-3,2e-3 --seeds 0 --max_train_samples 8000 --epochs 1 \
         --dev_split 2000 --eval_steps 125 --out benchmarks/results/peer_sweep.json
 
-The recipe is configs/sst2_minilm.yaml's (PEFT LoRA r=8 alpha=8 dropout 0 on
-query/key/value/dense, batch 32, warmup 0.06, weight decay 0, max length 128, length-grouped
-batches, fp32 unless bf16 is native), and the data split is lorakit's: the same ``dev_split``
-rows are held out of training (``lorakit.data.hold_out``), and each run's checkpoint is the
-evaluation with the best dev accuracy, as lorakit's ``best/``. Every learning rate and seed is
-one run; the JSON holds each run's dev and validation accuracy at that checkpoint, and the
-markdown table printed at the end is mean ± std over seeds per learning rate, ranked on dev.
+The recipe is configs/sst2_minilm.yaml's (PEFT LoRA alpha=8 dropout 0 on query/key/value/dense,
+rank ``--rank``: 8 as in the searches, 32 as shipped since 2026-11-30; batch 32, warmup 0.06,
+weight decay 0, max length 128, length-grouped batches, fp32 unless bf16 is native), and the
+data split is lorakit's: the same ``dev_split`` rows are held out of training
+(``lorakit.data.hold_out``), and each run's checkpoint is the evaluation with the best dev
+accuracy, as lorakit's ``best/``. Every learning rate and seed is one run; the JSON holds each
+run's dev and validation accuracy at that checkpoint, and the markdown table printed at the end
+is mean ± std over seeds per learning rate, ranked on dev.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from train_throughput import ROOT, _rss_mb, cpu_name, peft_minilm
 
-RECIPE: dict = {"rank": 8, "alpha": 8, "dropout": 0.0, "batch_size": 32, "warmup_ratio": 0.06}
+RECIPE: dict = {"alpha": 8, "dropout": 0.0, "batch_size": 32, "warmup_ratio": 0.06}
 
 
 def datasets(data_dir: str, dev_split: float, max_train_samples: int, max_length: int) -> tuple:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
 
     tokenizer, train_ds, eval_sets = data
     torch.manual_seed(seed)
-    model = peft_minilm(RECIPE["rank"], RECIPE["alpha"], RECIPE["dropout"])
+    model = peft_minilm(args.rank, RECIPE["alpha"], RECIPE["dropout"])
     bf16 = bf16_fast(torch.device("cpu"))
 
     def accuracy(pred) -> dict:  # noqa: ANN001
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
     evals = [by_step[k] for k in sorted(by_step)]
     best = max(evals, key=lambda e: (e["dev"], -e["step"]))  # the first best, as lorakit
     return {
+        "rank": args.rank,
         "learning_rate": lr,
         "seed": seed,
         "evals": evals,
@@ -154,6 +156,7 @@ def table(runs: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha stays 8)")
     p.add_argument("--learning_rates", default="5e-4,1e-3,2e-3")
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=float, default=1)
@@ -165,11 +168,11 @@ def main() -> None:
     args = p.parse_args()
     data = datasets(args.data_dir, args.dev_split, args.max_train_samples, args.max_length)
     done = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
-    key = lambda r: (r["learning_rate"], r["seed"])  # noqa: E731
+    key = lambda r: (r.get("rank", 8), r["learning_rate"], r["seed"])  # noqa: E731
     finished = {key(r) for r in done}
     for lr in (float(v) for v in args.learning_rates.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
-            if (lr, seed) in finished:
+            if (args.rank, lr, seed) in finished:
                 continue  # resumable: a rerun skips finished runs
             result = run(args, lr, seed, data)
             print(json.dumps({k: v for k, v in result.items() if k != "evals"}), flush=True)
