@@ -73,6 +73,7 @@ def run(args: argparse.Namespace, method: str, lr: float, pooling: str, out: Pat
         {
             "data.data_dir": args.data_dir,
             "method": method,
+            "lora.rank": 8,  # the short budget's searches ran at r=8 (docs/results.md)
             "training.learning_rate": lr,
             "training.dev_split": 2000,
             "training.max_train_samples": 8000,

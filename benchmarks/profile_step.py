@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/profile_step.py --data_dir ../shared/data
 
-Training: the shipped SST-2 recipe (configs/sst2_minilm.yaml: MiniLM, LoRA r=8 on
-query/key/value/dense, batch 32, length-grouped batches), the same calls as ``lorakit train``'s
-loop (collate, forward, backward, clip, AdamW, scheduler). Inference: the merged model over the
-validation split in length-sorted batches of 64, as ``lorakit predict`` runs it.
+Training: the shipped SST-2 recipe (configs/sst2_minilm.yaml: MiniLM, LoRA r=32 on
+query/key/value/dense, r=8 in the log's figures before 2026-11-30; batch 32, length-grouped
+batches), the same calls as ``lorakit train``'s loop (collate, forward, backward, clip, AdamW,
+scheduler). Inference: the merged model over the validation split in length-sorted batches of
+64, as ``lorakit predict`` runs it.
 
 For each it reports: FLOPs per example counted by ``torch.utils.flop_counter`` on the very
 batches timed, the measured examples/s, the fp32 matmul peak of this CPU, and so the bound

@@ -16,12 +16,16 @@ DATA="${LORAKIT_DATA_DIR:-../shared/data}"
 # held out as the dev set that chooses (the same rows for every run and for the peer).
 BUDGET=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000
         --max_train_samples 8000 --num_epochs 1 --eval_steps 125)
+# The searches started from the config as it was shipped then, at rank 8; since full length
+# chose rank 32 (section 8), the config ships r=32 and the searches pin --rank 8.
+R8=(--rank 8)
 
 case "${1:-short}" in
 short)
-  $LK sweep "${BUDGET[@]}" --grid "learning_rate=5e-4,1e-3,2e-3" --seeds 0 --output_dir sweeps/lr
+  $LK sweep "${BUDGET[@]}" "${R8[@]}" --grid "learning_rate=5e-4,1e-3,2e-3" --seeds 0 \
+    --output_dir sweeps/lr
   $LK sweep "${BUDGET[@]}" --grid "rank=2,4,8,16,32" --seeds 0 --output_dir sweeps/rank
-  $LK sweep "${BUDGET[@]}" \
+  $LK sweep "${BUDGET[@]}" "${R8[@]}" \
     --grid "target_modules=[query,value];[query,key,value];[query,key,value,attention.output.dense];all-linear" \
     --seeds 0 --output_dir sweeps/targets
   $LK sweep "${BUDGET[@]}" --method head --learning_rate 1e-2 --seeds 0 --output_dir sweeps/head
@@ -34,7 +38,7 @@ seeds)
   # The two best points of the short sweeps on dev, each over 3 seeds; e.g.
   #   BEST1="--rank 16" BEST2="--learning_rate 2e-3" PEER_LR=1e-3 bash benchmarks/results.sh seeds
   # shellcheck disable=SC2086
-  $LK sweep "${BUDGET[@]}" ${BEST1:?set BEST1 to the flags of the best point} --seeds 0,1,2 \
+  $LK sweep "${BUDGET[@]}" "${R8[@]}" ${BEST1:?set BEST1 to the flags of the best point} --seeds 0,1,2 \
     --output_dir sweeps/best1
   # shellcheck disable=SC2086
   $LK sweep "${BUDGET[@]}" ${BEST2:?set BEST2 to the flags of the second best point} \
@@ -46,19 +50,23 @@ seeds)
   .venv/bin/python benchmarks/ood.py sweeps/best1/runs/* sweeps/best2/runs/* --data_dir "$DATA"
   ;;
 full)
-  # ~25 min per lorakit run and ~35 per peer run on 2 cores; e.g.
+  # ~25 min per lorakit run and ~35-40 per peer run on 2 cores; e.g.
   #   BEST1="--learning_rate 2e-3" BEST2="--rank 32" PEER_LR=2e-3 bash benchmarks/results.sh full
   FULL=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000 --eval_steps 500)
   # shellcheck disable=SC2086
-  $LK sweep "${FULL[@]}" ${BEST1:?set BEST1} --seeds 0,1,2 --output_dir sweeps/full_best1
-  # the shipped config as it is: it tied for second on dev at the short budget and beat
-  # lr 2e-3 at full length before, so it must face the same dev split at full length
-  $LK sweep "${FULL[@]}" --seeds 0,1,2 --output_dir sweeps/full_shipped
+  $LK sweep "${FULL[@]}" "${R8[@]}" ${BEST1:?set BEST1} --seeds 0,1,2 --output_dir sweeps/full_best1
+  # the config as shipped before this comparison (r=8): it tied for second on dev at the short
+  # budget and beat lr 2e-3 at full length before, so it faces the same dev split here
+  $LK sweep "${FULL[@]}" "${R8[@]}" --seeds 0,1,2 --output_dir sweeps/full_shipped
   # shellcheck disable=SC2086
   $LK sweep "${FULL[@]}" ${BEST2:?set BEST2} --seeds 0,1,2 --output_dir sweeps/full_best2
   .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" \
     --learning_rates "${PEER_LR:?set PEER_LR}" --seeds 0,1,2 --max_train_samples 0 --epochs 3 \
     --dev_split 2000 --eval_steps 500 --out benchmarks/results/peer_full.json
+  # the peer with the recipe dev chose here (r=32, lr 1e-3): the same recipe on both sides
+  .venv/bin/python benchmarks/peer_sweep.py --data_dir "$DATA" --rank 32 --learning_rates 1e-3 \
+    --seeds "${PEER_SEEDS:-0,1,2}" --max_train_samples 0 --epochs 3 --dev_split 2000 \
+    --eval_steps 500 --out benchmarks/results/peer_full_r32.json
   .venv/bin/python benchmarks/ood.py sweeps/full_best1/runs/* sweeps/full_shipped/runs/* \
     sweeps/full_best2/runs/* --data_dir "$DATA" --out benchmarks/results/ood_full.jsonl
   ;;

@@ -19,11 +19,11 @@ Sections (``--sections``, all by default), each checked against the issue's targ
 - soak: ``--soak_clients`` for ``--soak_seconds``, 8 adapters mixed: zero failed requests,
   RSS within 5% between the first and the last ``--soak_window`` requests.
 
-The adapters are MiniLM LoRA r=8 (alpha 8, query/key/value/dense, as configs/sst2_minilm.yaml)
-with seeded random weights: throughput does not depend on their values. One server runs at
-a time, with torch's default threads; the clients share the machine. Figures go to ``--out``
-(JSON; sections run separately are merged into it) and the tables to the same name .md.
-About 15 minutes with the defaults. Run it on an otherwise idle machine: with 2 cores, one
+The adapters are MiniLM LoRA r=8 (alpha 8, query/key/value/dense, the SST-2 config's rank
+until 2026-11-30) with seeded random weights: throughput does not depend on their values. One
+server runs at a time, with torch's default threads; the clients share the machine. Figures go
+to ``--out`` (JSON; sections run separately are merged into it) and the tables to the same name
+.md. About 15 minutes with the defaults. Run it on an otherwise idle machine: with 2 cores, one
 other busy process slows torch's threads (and so every figure here) several-fold.
 """
 

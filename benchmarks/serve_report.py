@@ -227,11 +227,11 @@ def render(results: dict) -> str:
         f"Machine: {m['cpu']}; torch {v['torch']}, transformers {v['transformers']}, "
         f"peft {v['peft']}.  ",
         "Setup: the embedded MiniLM; LoRA adapters r=8, alpha 8 on query/key/value/dense "
-        "(as configs/sst2_minilm.yaml) with seeded random weights: throughput does not depend "
-        "on their values. SST-2 validation sentences. One server runs at a time with torch's "
-        "default threads; the closed-loop clients (one asyncio + aiohttp process) share the "
-        "machine. The peer is benchmarks/peft_server.py: FastAPI + PEFT, `set_adapter` and "
-        "one forward per request under a lock.",
+        "(configs/sst2_minilm.yaml's rank until 2026-11-30) with seeded random weights: "
+        "throughput does not depend on their values. SST-2 validation sentences. One server "
+        "runs at a time with torch's default threads; the closed-loop clients (one asyncio + "
+        "aiohttp process) share the machine. The peer is benchmarks/peft_server.py: FastAPI + "
+        "PEFT, `set_adapter` and one forward per request under a lock.",
     ]
     targets: list[Target] = []
     for section, fn in RENDER.items():

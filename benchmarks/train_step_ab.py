@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/train_step_ab.py --data_dir ../shared/data --batches 30
 
-The shipped SST-2 recipe (MiniLM, LoRA r=8 on query/key/value/dense, batch 32, length-grouped).
+The shipped SST-2 recipe (configs/sst2_minilm.yaml: MiniLM, LoRA on query/key/value/dense, batch
+32, length-grouped; r=8 until 2026-11-30, r=32 since, so the logged figures are at r=8).
 Every batch is run once under each variant, in a rotating order, so each variant's step is
 timed right beside the others' on the same rows: the paired ratio (old step time / variant
 step time, median over batches) is robust to the drifts of a shared machine.

@@ -50,7 +50,9 @@ def test_quoted_code_is_in_lora_py() -> None:
     assert quoted and [ln for ln in quoted if ln and ln not in source] == []
 
 
-def test_parameter_statistics_are_minilms() -> None:
+def test_parameter_statistics_are_the_shipped_configs() -> None:
+    """The block the tutorial quotes is what the shipped SST-2 config prints on MiniLM."""
+    from lorakit.config import load_config
     from lorakit.inject import apply_lora_to_model
     from lorakit.models import load_model
     from lorakit.state import (
@@ -59,10 +61,11 @@ def test_parameter_statistics_are_minilms() -> None:
         mark_only_lora_as_trainable,
     )
 
+    lora = load_config(ROOT / "configs" / "sst2_minilm.yaml").lora
     model = load_model("minilm", {0: "negative", 1: "positive"})
-    apply_lora_to_model(model, ["query", "key", "value", "dense"], 8, 8.0)
+    apply_lora_to_model(model, list(lora.target_modules), lora.rank, lora.alpha)
     mark_only_lora_as_trainable(model)
-    printed = format_parameter_stats(count_lora_parameters(model), "LoRA r=8")
+    printed = format_parameter_stats(count_lora_parameters(model), lora.describe())
     assert _blocks(DOCS["en"].read_text(), "text") == [printed + "\n"]
 
 
