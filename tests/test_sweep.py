@@ -85,6 +85,8 @@ def test_bad_values_fail_before_anything_is_written(tmp_path: Path) -> None:
         Sweep(None, [], [0], {"training.output_dir": "x"}, out)
     with pytest.raises(LoraKitError, match="push_to_hub"):
         Sweep(None, [], [0], {"training.push_to_hub": True}, out)
+    with pytest.raises(LoraKitError, match="sweeps lora.rank, which a flag also sets"):
+        Sweep(None, [Axis("lora.rank", (4, 8))], [0], {"lora.rank": 8}, out)
     assert not out.exists()
 
 

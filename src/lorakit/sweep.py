@@ -177,6 +177,9 @@ class Sweep:
                 raise LoraKitError(f"lorakit sweep sets {key} itself; do not pass it")
         if seeds is not None and SEED in overrides:
             raise LoraKitError("pass either --seeds or --seed, not both")
+        both = [a.key for a in axes if a.key in overrides]
+        if both:  # the grid would silently win over the flag
+            raise LoraKitError(f"--grid sweeps {both[0]}, which a flag also sets; drop one")
         base = load_config(config_path, overrides)  # a bad file or flag fails before planning
         self.seeds = list(seeds) if seeds is not None else [base.training.seed]
         self.axes, self.out = list(axes), out
