@@ -4,7 +4,8 @@
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
 # seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
 #        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below);
-# full:  the same three, and the shipped config, at full length (every training row, the config's 3 epochs), same dev.
+# full:  the same three, and the r=8 config shipped before, at full length (every training row,
+#        the config's 3 epochs), same dev; then the peer with the recipe dev chose (r=32).
 # ceiling: full fine-tuning at full length (the natural ceiling of the model), same dev.
 # mrpc:  the shipped MRPC recipe over 3 seeds, 400 training pairs held out as its dev set.
 # pooling: mean pooling against the [CLS] pooler at the short budget (benchmarks/pooling.py).

@@ -176,8 +176,12 @@ def test_tiny_sweep_writes_its_three_files(env: dict[str, Path], tmp_path: Path)
     # Rerunning a finished sweep runs nothing; another grid in the same directory is refused.
     again = _run(_command(env, out, 1))
     assert again.returncode == 0 and "4 already done" in again.stdout
-    other = _run([*_command(env, out, 1), "--rank", "8"])
+    other = _run([*_command(env, out, 1), "--alpha", "4"])
     assert other.returncode == 1 and "holds another sweep" in other.stderr
+    # A key both swept and fixed by a flag is refused, not silently swept.
+    both = _run([*_command(env, out, 1), "--rank", "8"])
+    assert both.returncode == 1 and both.stderr.count("\n") == 1
+    assert "--grid sweeps lora.rank, which a flag also sets" in both.stderr
 
 
 def test_killed_sweep_resumes_without_redoing_finished_runs(
