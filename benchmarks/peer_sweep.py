@@ -127,25 +127,24 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    by_lr: dict[float, list[dict]] = {}
+    from lorakit.sweep import mean_std
+
+    groups: dict[tuple[int, float], list[dict]] = {}
     for r in runs:
-        by_lr.setdefault(r["learning_rate"], []).append(r)
+        groups.setdefault((r.get("rank", 8), r["learning_rate"]), []).append(r)
 
     def ms(values: list[float]) -> str:
-        values = [100 * v for v in values]
-        if len(values) == 1:
-            return f"{values[0]:.2f}"
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return mean_std([100 * v for v in values])
 
-    rows = sorted(by_lr.items(), key=lambda kv: -statistics.mean(r["dev_accuracy"] for r in kv[1]))
+    rows = sorted(groups.items(), key=lambda kv: -statistics.mean(r["dev_accuracy"] for r in kv[1]))
     lines = [
-        "| rank | learning rate | seeds | dev accuracy | validation accuracy | examples/s "
-        "| train s |",
-        "|---|---|---|---|---|---|---|",
+        "| # | LoRA rank | learning rate | seeds | dev accuracy | validation accuracy "
+        "| examples/s | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for i, (lr, group) in enumerate(rows, 1):
+    for i, ((rank, lr), group) in enumerate(rows, 1):
         lines.append(
-            f"| {i} | {lr:g} | {len(group)} | {ms([r['dev_accuracy'] for r in group])} | "
+            f"| {i} | {rank} | {lr:g} | {len(group)} | {ms([r['dev_accuracy'] for r in group])} | "
             f"{ms([r['validation_accuracy'] for r in group])} | "
             f"{statistics.mean(r['examples_per_sec'] for r in group):.1f} | "
             f"{statistics.mean(r['train_runtime_s'] for r in group):.0f} |"

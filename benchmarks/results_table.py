@@ -8,8 +8,8 @@
 A lorakit row reads a sweep's ``sweep.csv`` as copied to ``benchmarks/results/sweeps/NAME.csv``
 (one row per point of its grid); its out-of-domain scores are the ``--ood`` lines
 (``benchmarks/ood.py --out``) of ``sweeps/NAME/runs/*``. A peer row reads
-``benchmarks/peer_sweep.py``'s JSON (one row per learning rate; the out-of-domain scores are in
-it). Figures are percent, mean ± sample standard deviation over the seeds found; a column a
+``benchmarks/peer_sweep.py``'s JSON (one row per rank and learning rate; out-of-domain scores
+are in it). Figures are percent, mean ± sample standard deviation over the seeds found; a column a
 run lacks shows "—" and the seeds column says how many runs each row holds.
 """
 
@@ -54,8 +54,9 @@ def sweep_rows(label: str, path: Path, ood: dict[str, dict]) -> list[dict]:
 
 
 def peer_rows(label: str, path: Path) -> list[dict]:
-    """One row per learning rate of a benchmarks/peer_sweep.py JSON."""
-    by_lr: dict[float, list[dict]] = {}
+    """One row per rank and learning rate of a benchmarks/peer_sweep.py JSON (rank 8 when a
+    run does not say, as peer_sweep.py's default)."""
+    groups: dict[tuple[int, float], list[dict]] = {}
     for r in json.loads(path.read_text())["runs"]:
         run = {
             "seed": r["seed"],
@@ -64,11 +65,15 @@ def peer_rows(label: str, path: Path) -> list[dict]:
             "examples_per_sec": r["examples_per_sec"],
             **r.get("out_of_domain", {}),
         }
-        by_lr.setdefault(r["learning_rate"], []).append(run)
-    return [
-        {"label": label if len(by_lr) == 1 else f"{label} (lr {lr:g})", "runs": runs}
-        for lr, runs in by_lr.items()
-    ]
+        groups.setdefault((r.get("rank", 8), r["learning_rate"]), []).append(run)
+    ranks = {rank for rank, _ in groups}
+
+    def name(rank: int, lr: float) -> str:
+        if len(groups) == 1:
+            return label
+        return f"{label} (r={rank}, lr {lr:g})" if len(ranks) > 1 else f"{label} (lr {lr:g})"
+
+    return [{"label": name(*key), "runs": runs} for key, runs in groups.items()]
 
 
 def render(rows: list[dict]) -> str:

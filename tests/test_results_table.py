@@ -65,6 +65,11 @@ def test_peer_rows_split_by_learning_rate_and_missing_scores_show_a_dash(tmp_pat
         "| peer (lr 0.001) | 0 | 80.00 | 70.00 | 60.00 | — | — | 50.0 |",
         "| peer (lr 0.002) | 0 | 90.00 | 85.00 | — | — | — | 60.0 |",
     ]
+    # Runs at another rank (peer_sweep.py --rank) are their own row, never averaged in.
+    runs.append({**runs[0], "rank": 32, "seed": 1, "dev_accuracy": 0.5})
+    path.write_text(json.dumps({"runs": runs}))
+    labels = [row["label"] for row in table.peer_rows("peer", path)]
+    assert labels == ["peer (r=8, lr 0.001)", "peer (r=8, lr 0.002)", "peer (r=32, lr 0.001)"]
 
 
 def test_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
