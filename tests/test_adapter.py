@@ -361,3 +361,53 @@ def test_save_replaces_existing_adapter_whole(tmp_path: Path) -> None:
     save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a" / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_loading_under_a_taken_name_replaces_the_earlier_adapter(tmp_path: Path) -> None:
+    wide = make_model("bert")
+    apply_lora_to_model(wide, ["query", "value"], rank=4, alpha=8)
+    narrow = make_model("bert", seed=1)
+    apply_lora_to_model(narrow, ["query"], rank=2, alpha=4)
+    for model, seed in ((wide, 3), (narrow, 4)):
+        mark_only_lora_as_trainable(model)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.5 * torch.randn(p.shape, generator=g))
+    save_adapter(wide, tmp_path / "wide")
+    save_adapter(narrow, tmp_path / "narrow")
+    model = make_model("bert")
+    load_adapter(model, tmp_path / "wide")
+    load_adapter(model, tmp_path / "narrow")  # the same (default) name: value's LoRA must go
+    fresh = make_model("bert")
+    load_adapter(fresh, tmp_path / "narrow")
+    torch.testing.assert_close(_logits(model), _logits(fresh), atol=0, rtol=0)
+    adapted = [n for n, layer in lora_layers(model) if layer.active_adapter is not None]
+    assert adapted and all(n.endswith("query") for n in adapted)
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "message"),
+    [
+        ("adapter_config.json", "r", "eight", "r must be a positive whole number, not 'eight'"),
+        ("adapter_config.json", "lora_alpha", None, "lacks the required key 'lora_alpha'"),
+        ("adapter_config.json", "lora_dropout", 2, "lora_dropout must be a number in [0, 1)"),
+        ("adapter_config.json", "target_modules", 5, "target_modules must be a list"),
+        ("lorakit.json", "max_length", "abc", "max_length must be a positive whole number"),
+        ("lorakit.json", "id2label", {"x": 1}, "id2label must map label ids"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_one_line_errors(
+    tmp_path: Path, file: str, key: str, value: object, message: str
+) -> None:
+    save_adapter(_trained_lora_model(), tmp_path / "a")
+    path = tmp_path / "a" / file
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    model = make_model("bert")
+    before = _snapshot(model)
+    with pytest.raises(LoraKitError, match=re.escape(message)):
+        load_adapter(model, tmp_path / "a")
+    _assert_unchanged(model, before)

@@ -118,7 +118,8 @@ def test_predict_on_onnx_matches_the_adapter(
     for text in TEXTS:
         assert main(["predict", "--onnx", str(onnx_file), "--text", text, "--json"]) == 0
         got = json.loads(capsys.readouterr().out)
-        assert main(["predict", "--adapter", str(env["adapter"]), "--text", text, "--json"]) == 0
+        argv = ["predict", "--adapter", str(env["adapter"]), "--text", text, "--json"]
+        assert main([*argv, "--precision", "fp32"]) == 0
         want = json.loads(capsys.readouterr().out)
         assert got["label"] == want["label"]
         assert got["probs"]["positive"] == pytest.approx(want["probs"]["positive"], abs=1e-4)
@@ -175,7 +176,7 @@ def test_eval_on_onnx_equals_the_adapter_and_int8_stays_close(
     data = write_sentiment_rows(env["root"] / "eval.tsv", 40, seed=3)
     flags = ["--validation_file", str(data), "--text_columns", "sentence"]
     flags += ["--label_column", "label"]
-    want = _eval_json(capsys, ["--adapter", str(env["adapter"]), *flags])
+    want = _eval_json(capsys, ["--adapter", str(env["adapter"]), "--precision", "fp32", *flags])
     got = _eval_json(capsys, ["--onnx", str(onnx_file), *flags])
     assert got["examples"] == want["examples"] == 40
     assert got["accuracy"] == want["accuracy"]

@@ -146,3 +146,36 @@ def test_several_named_adapters_per_layer() -> None:
     layer.active_adapter = "default"
     torch.testing.assert_close(layer(x), layer.base_layer(x))
     assert not torch.allclose(y_other, layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_merge_unmerge_cycles_leave_every_weight_bit_identical(
+    dtype: torch.dtype, kind: str
+) -> None:
+    from conftest import make_model
+
+    from lorakit import apply_lora_to_model, merge_lora_weights, unmerge_lora_weights
+    from lorakit.inject import apply_ia3_to_model
+    from lorakit.state import disable_adapter
+
+    model = make_model("bert").to(dtype)
+    if kind == "ia3":
+        apply_ia3_to_model(model)
+    else:
+        apply_lora_to_model(model, ["query", "value", "dense"], 4, 8, use_dora=kind == "dora")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "ia3_l" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(5):
+        merge_lora_weights(model)
+        with disable_adapter(model):  # unmerges and merges again
+            pass
+        merge_lora_weights(model)  # idempotent
+        unmerge_lora_weights(model)
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []

@@ -31,7 +31,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def predictor(env: dict[str, Path]) -> Predictor:
-    return Predictor.from_adapter(env["adapter"], batch_size=2)
+    return Predictor.from_adapter(env["adapter"], batch_size=2, precision="fp32")
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -50,7 +50,7 @@ def test_predictor_batches_keep_order_and_merge_changes_nothing(
     texts = ["fine", LONG, "great film", "bad", "the movie"]
     batched = predictor.predict(texts)  # length-sorted batches of 2
     one_by_one = [predictor.predict([t])[0] for t in texts]
-    unmerged = Predictor.from_adapter(env["adapter"], merge=False).predict(texts)
+    unmerged = Predictor.from_adapter(env["adapter"], merge=False, precision="fp32").predict(texts)
     for a, b, c in zip(batched, one_by_one, unmerged, strict=True):
         assert a["label"] == b["label"] == c["label"]
         assert list(a["probs"]) == ["negative", "positive"]
@@ -77,7 +77,7 @@ def test_text_mode_json_and_human(env: dict[str, Path], capsys: pytest.CaptureFi
 def test_text_mode_unmerged_matches_merged(
     env: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ("--adapter", str(env["adapter"]), "--text", "the film", "--json")
+    args = ("--adapter", str(env["adapter"]), "--text", "the film", "--json", "--precision", "fp32")
     merged = json.loads(_run(capsys, *args)[1])
     unmerged = json.loads(_run(capsys, *args, "--no-merge")[1])
     assert merged["label"] == unmerged["label"]
@@ -196,7 +196,15 @@ def test_file_mode_each_format(
     path = _write(tmp_path / name, content)
     out = tmp_path / "preds.jsonl"
     code, stdout, err = _run(
-        capsys, "--adapter", str(env["adapter"]), "--file", str(path), "--out", str(out)
+        capsys,
+        "--adapter",
+        str(env["adapter"]),
+        "--file",
+        str(path),
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
     )
     assert code == 0 and err == "" and "3 labelled" in stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]

@@ -21,6 +21,7 @@ from lorakit.predict import Predictor
 
 TEXTS = ["the movie was good", "not a great film", "fine", "bad bad bad movie, not fine at all"]
 PAIRS = [["the film was fine", "the movie was good"], ["not good", "great"]]
+PAYLOAD_LIMIT = 6000  # bytes, the test server's --payload_limit
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,8 @@ def _args(env: dict[str, Path], *extra: str) -> list[str]:
         f"mrpc={env['mrpc']}",
         "--adapter",
         f"grades={env['grades']}",
+        "--precision",
+        "fp32",  # compared with fp32 predictions at fp32 tolerances (test_precision: bf16)
         *extra,
     ]
 
@@ -55,7 +58,7 @@ def _args(env: dict[str, Path], *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def url(env: dict[str, Path]) -> Iterator[str]:
     extra = ["--adapter_dir", str(env["library"]), "--max_client_batch_size", "4"]
-    with serving(_args(env, *extra, "--payload_limit", "4000")) as base_url:
+    with serving(_args(env, *extra, "--payload_limit", str(PAYLOAD_LIMIT))) as base_url:
         yield base_url
 
 
@@ -111,8 +114,15 @@ def test_concurrent_requests_of_mixed_adapters_match_each_adapter_alone(
         assert _as_probs(answer) == pytest.approx(_alone(env[name], [text])[0], abs=1e-5), name
 
 
-def test_inference_client_per_adapter_url(url: str, env: dict[str, Path]) -> None:
+def test_inference_client_per_adapter_url(
+    url: str, env: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
     from huggingface_hub import InferenceClient
+
+    # HF_HUB_OFFLINE=1 (as offline users set it) makes huggingface_hub refuse every HTTP call,
+    # even to 127.0.0.1; a client of a local server must turn it off for itself (README).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
     out = InferenceClient(model=f"{url}/models/sst2").text_classification(TEXTS[3])
     want = _alone(env["sst2"], [TEXTS[3]])[0]
@@ -144,14 +154,55 @@ def _error(response: httpx.Response, status: int, error_type: str) -> str:
         (b'{"inputs": [["a"], ["b"], ["c"], ["d"], ["e"]]}', 413, "validation"),
         (b'{"inputs": ["a pair", "for sst2"]}', 422, "validation"),
         (b'{"inputs": "x", "raw_scores": "yes"}', 422, "validation"),
-        (json.dumps({"inputs": "good " * 900}).encode(), 413, "validation"),  # > payload_limit
+        (json.dumps({"inputs": "good " * 1300}).encode(), 413, "validation"),  # > payload_limit
         (json.dumps({"inputs": "good " * 200}).encode(), 413, "validation"),  # > 32 tokens
+        (b"[" * 100_000 + b"]" * 100_000, 413, "validation"),  # past the payload limit
+        (b"[" * 1_900 + b"]" * 1_900, 422, "validation"),  # under it, nested past the parser
+        (b'{"inputs": "x", "raw_scores": ' + b"9" * 5000 + b"}", 422, "validation"),  # > 4300
+        (b'{"inputs": "x", "raw_scores": ' + b"9" * 3000 + b"}", 422, "validation"),
+        (b'{"inputs": "\\ud800"}', 422, "validation"),  # a lone surrogate
+        (b'{"inputs": ["fine", "\\udfff x"]}', 422, "validation"),
+        (b'{"inputs": "x", "adapter": "\\ud800"}', 404, "not_found"),
     ],
 )
 def test_bad_requests_are_json_errors(url: str, body: bytes, status: int, error_type: str) -> None:
     headers = {"Content-Type": "application/json"}
-    _error(httpx.post(f"{url}/predict", content=body, headers=headers), status, error_type)
-    assert httpx.post(f"{url}/predict", json={"inputs": "fine"}).status_code == 200  # still up
+    with httpx.Client() as client:  # one kept-alive connection, as real clients hold one
+        response = client.post(f"{url}/predict", content=body, headers=headers)
+        _error(response, status, error_type)
+        unread = len(body) > PAYLOAD_LIMIT  # the server stopped reading the body
+        assert (response.headers.get("connection") == "close") == unread
+        assert client.post(f"{url}/predict", json={"inputs": "fine"}).status_code == 200
+    if b"ud800" in body and b"adapter" not in body:
+        answer = httpx.post(f"{url}/models/sst2", content=body, headers=headers)
+        _error(answer, 422, "validation")
+
+
+def test_malformed_adapters_and_paths_are_422_and_attach_nothing(
+    url: str, env: dict[str, Path]
+) -> None:
+    import shutil
+
+    load = f"{url}/v1/load_lora_adapter"
+    before = httpx.get(f"{url}/v1/adapters").json()
+    for name, file, key, value in (
+        ("bad_r", "adapter_config.json", "r", "eight"),
+        ("bad_len", "lorakit.json", "max_length", "abc"),
+    ):
+        folder = env["library"] / name
+        shutil.copytree(env["sst2"], folder)
+        config = json.loads((folder / file).read_text())
+        config[key] = value
+        (folder / file).write_text(json.dumps(config))
+        message = _error(
+            httpx.post(load, json={"lora_name": name, "lora_path": name}), 422, "validation"
+        )
+        assert f"{key} must be" in message
+    for path in ("sst2\x00", "a" * 5000, "b/" * 2000):
+        _error(httpx.post(load, json={"lora_name": "p", "lora_path": path}), 422, "validation")
+    assert httpx.get(f"{url}/v1/adapters").json() == before
+    answer = httpx.post(f"{url}/predict", json={"inputs": TEXTS[0], "adapter": "sst2"}).json()
+    assert _as_probs(answer) == pytest.approx(_alone(env["sst2"], [TEXTS[0]])[0], abs=1e-5)
 
 
 def test_truncate_cuts_instead_of_refusing(url: str) -> None:
@@ -276,7 +327,7 @@ def _slow_base(root: Path) -> tuple[Path, Path]:
 def test_sigterm_finishes_in_flight_requests_and_exits_0(env: dict[str, Path]) -> None:
     base, adapter = _slow_base(env["root"])
     port = free_port()
-    args = ["--model", str(base), "--adapter", f"slow={adapter}"]
+    args = ["--model", str(base), "--adapter", f"slow={adapter}", "--precision", "fp32"]
     proc = subprocess.Popen(
         server_command(args, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -430,3 +430,49 @@ def test_overwrite_with_bad_input_keeps_previous_run(env: dict[str, Path], tmp_p
     assert main(_args(env, out, "--overwrite", "--task", "mrpc")) == 1  # no mrpc data here
     assert (out / "best" / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+
+
+@pytest.mark.parametrize("loraplus", [0.0, 16.0])
+def test_weight_decay_spares_biases_norms_and_vectors(loraplus: float) -> None:
+    from conftest import make_model
+
+    from lorakit import apply_lora_to_model, mark_only_lora_as_trainable
+    from lorakit.inject import apply_ia3_to_model
+    from lorakit.train import param_groups
+
+    model = make_model("bert")
+    apply_lora_to_model(model, ["query"], 4, 8, use_dora=True)
+    apply_ia3_to_model(model, ["value"], [])
+    mark_only_lora_as_trainable(model, bias="all", modules_to_save=["LayerNorm"])
+    decay = {}
+    for group in param_groups(model, 1e-3, 0.01, loraplus):
+        for p in group["params"]:
+            decay[id(p)] = group["weight_decay"]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decay) == {id(p) for p in trainable.values()}
+    for name, p in trainable.items():
+        matrix = name.endswith(("lora_A", "lora_B", "classifier.weight"))
+        assert decay[id(p)] == (0.01 if matrix else 0.0), name
+    kinds = {n.rsplit(".", 1)[-1] for n in trainable if decay[id(trainable[n])] == 0.0}
+    assert {"bias", "lora_magnitude_vector", "ia3_l"} <= kinds
+
+
+def test_resume_maps_saved_tensors_to_the_cpu_first(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose tensors name a device this machine lacks (as a GPU run's name
+    ``cuda:0``) resumes: they are loaded to the CPU, then moved where the run computes."""
+    import torch.serialization as serialization
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        # While saving, every storage is tagged "elsewhere", a device no loader knows.
+        m.setattr(serialization, "_package_registry", list(serialization._package_registry))
+        serialization.register_package(1, lambda s: "elsewhere", lambda s, location: None)
+        _interrupt_at(m, 3)
+        assert main(_args(env, out)) == 130
+    path = out / "checkpoint" / "optimizer.pt"
+    with pytest.raises(RuntimeError, match="elsewhere"):  # what torch.load does without a map
+        torch.load(path, weights_only=True)
+    assert main(["train", "--resume", "--output_dir", str(out)]) == 0
+    assert (out / "final" / "adapter_model.safetensors").is_file()

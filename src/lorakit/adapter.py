@@ -28,7 +28,7 @@ from lorakit.adapter_config import (
     plain_lora_config,
     read_adapter_config,
 )
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, readable
 from lorakit.errors import LoraKitError
 from lorakit.inject import (
     find_heads,
@@ -176,7 +176,7 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     ``bias="all"``, the frozen original as ``<head>.original_module.<param>``): the trained
     copy is read as ``<head>.<param>``, the original is dropped.
     """
-    path = Path(directory) / WEIGHTS_NAME
+    path = readable(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise LoraKitError(f"{path} is missing (lorakit reads only safetensors, never pickle)")
     try:
@@ -327,6 +327,10 @@ def attach(
             for suffix, tensor in layer.peft_tensors().items():
                 tensor.copy_(state[f"{p.name}.{suffix}"])
         wrappers.append(module)
+    planned = {p.name for p in plan}
+    for name, module in lora_layers(model):  # what an earlier adapter of this name left
+        if name not in planned and adapter_name in module.adapters:
+            module.remove_adapter(adapter_name)
     return wrappers
 
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lorakit.atomic import recover
+from lorakit.atomic import readable
 from lorakit.errors import LoraKitError
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,43 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def _fraction(v: Any) -> bool:
+    return _number(v) and 0 <= v < 1
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _require(path: Path, config: dict[str, Any], key: str, check: Any, what: str) -> None:
+    """A present (non-null) ``key`` must pass ``check``; the error names the field."""
+    if config.get(key) is not None and not check(config[key]):
+        raise LoraKitError(f"{path}: {key} must be {what}, not {config[key]!r}")
+
+
+def _check_lorakit(path: Path, meta: dict[str, Any]) -> None:
+    """lorakit.json's fields that the loaders compute with."""
+    _require(path, meta, "max_length", _positive_int, "a positive whole number")
+    _require(path, meta, "num_labels", _positive_int, "a positive whole number")
+    _require(path, meta, "text_columns", _names, "a list of column names")
+    for key in ("id2label", "label2id"):
+        _require(path, meta, key, lambda v: isinstance(v, dict), "an object")
+    labels = meta.get("id2label") or {}
+    if not all(str(k).isdigit() and isinstance(v, str) for k, v in labels.items()):
+        raise LoraKitError(f"{path}: id2label must map label ids (0, 1, ...) to names")
+
+
 def _check_lora(path: Path, config: dict[str, Any]) -> None:
     for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
+        if config.get(key) is None:
             raise LoraKitError(f"{path} lacks the required key {key!r}")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and REWRITES_BASE.match(init.lower()):
@@ -79,8 +113,12 @@ def _check_lora(path: Path, config: dict[str, Any]) -> None:
             f"{path}: init_lora_weights={init!r} rewrites the base model's weights when PEFT "
             "loads it; lorakit does not implement that and would give wrong logits"
         )
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+    _require(path, config, "r", _positive_int, "a positive whole number")
+    _require(path, config, "lora_alpha", _number, "a number")
+    _require(path, config, "lora_dropout", _fraction, "a number in [0, 1)")
+    for key, check in (("rank_pattern", _positive_int), ("alpha_pattern", _number)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(check(v) for v in patterns.values()):
             raise LoraKitError(f"{path}: {key} must be a mapping of layer patterns to numbers")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise LoraKitError(f"{path}: bias must be none, all or lora_only, not {config['bias']!r}")
@@ -94,9 +132,9 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     Raises:
         LoraKitError: missing or unreadable, not LoRA/IA³, or using a feature lorakit lacks.
     """
-    directory = Path(directory)
+    directory = readable(directory)
     path = directory / CONFIG_NAME
-    if not directory.is_dir() and not recover(directory):
+    if not directory.is_dir():
         raise LoraKitError(f"adapter directory {directory} does not exist")
     if not path.is_file():
         raise LoraKitError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
@@ -110,14 +148,19 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         _check_lora(path, config)
     elif "target_modules" not in config:
         raise LoraKitError(f"{path} lacks the required key 'target_modules'")
+    _require(path, config, "target_modules", _names, "a list of module names or a regex")
+    _require(path, config, "modules_to_save", _names, "a list of module names")
     for key, feature in REFUSED_WHEN_SET.items():
         if config.get(key):
             raise LoraKitError(f"{path}: {feature} is not implemented in lorakit ({key} is set)")
     unknown = sorted(k for k in set(config) - KNOWN_KEYS - set(REFUSED_WHEN_SET) if config[k])
     if unknown:
         logger.warning("%s: ignoring unknown keys %s", path, ", ".join(unknown))
+    _check_lorakit(path, config)  # the same keys in adapter_config.json of older lorakits
     if (directory / LORAKIT_NAME).is_file():
-        config.update(read_json(directory / LORAKIT_NAME))
+        meta = read_json(directory / LORAKIT_NAME)
+        _check_lorakit(directory / LORAKIT_NAME, meta)
+        config.update(meta)
     return config
 
 

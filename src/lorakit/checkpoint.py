@@ -135,8 +135,10 @@ def load_checkpoint(directory: Path, opt: Optimization) -> tuple[LoopState, dict
         load_adapter(opt.model, directory / "adapter")
     else:
         _load_trained(opt.model, directory / TRAINED_NAME)
-    # weights_only: plain tensors and containers, no arbitrary pickled objects.
-    blob = torch.load(directory / TENSORS_NAME, weights_only=True)
+    # weights_only: plain tensors and containers, no arbitrary pickled objects. Everything comes
+    # to the CPU first (a GPU run resumes on a machine without one); the optimizer moves its
+    # state to its parameters' device, the RNG states are CPU tensors by nature.
+    blob = torch.load(directory / TENSORS_NAME, weights_only=True, map_location="cpu")
     opt.optimizer.load_state_dict(blob["optimizer"])
     opt.scheduler.load_state_dict(blob["scheduler"])
     if blob.get("scaler"):

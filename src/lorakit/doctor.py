@@ -6,6 +6,10 @@ import importlib.metadata
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 Check = tuple[bool, str, str]  # passed, name, detail
 
@@ -24,11 +28,11 @@ def run_checks(data_dir: str | None = None) -> Iterator[Check]:
         ok, name, detail = _version(package)
         yield True, f"{name} (optional)", detail
 
-    from lorakit.runtime import amp_dtype, bf16_fast, pick_device, thread_governor
+    from lorakit.runtime import amp_dtype, pick_device, thread_governor
 
     device = pick_device()
     yield True, "device", f"{device} ({thread_governor().describe()})"
-    yield True, "bf16 fast", "yes: default precision bf16" if bf16_fast(device) else "no: fp32"
+    yield True, "bf16 fast", _bf16_note(device)
     yield _distributed()
     yield from _embedded_model()
     folder = data_dir or os.environ.get("LORAKIT_DATA_DIR")
@@ -38,6 +42,19 @@ def run_checks(data_dir: str | None = None) -> Iterator[Check]:
     else:
         yield True, "data dir", "none set: GLUE comes from datasets.load_dataset (needs the Hub)"
     yield _tiny_step(device, amp_dtype("auto", device))
+
+
+def _bf16_note(device: torch.device) -> str:
+    """Whether bf16 is fast here, which jobs ``--precision auto`` therefore runs in bf16, and
+    whether ``LORAKIT_FAST_BF16`` decided it instead of the hardware."""
+    from lorakit.runtime import AUTO_BF16_JOBS, FAST_BF16_ENV, bf16_fast
+
+    value = os.environ.get(FAST_BF16_ENV)
+    forced = f" ({FAST_BF16_ENV}={value})" if value else ""
+    if not bf16_fast(device):
+        return f"no{forced}: --precision auto runs fp32"
+    jobs = ", ".join(sorted(AUTO_BF16_JOBS))
+    return f"yes{forced}: --precision auto runs {jobs} in bf16, export in fp32"
 
 
 def _distributed() -> Check:

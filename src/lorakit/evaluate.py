@@ -107,7 +107,7 @@ def evaluate_adapter(
     from lorakit.data import encode, load_examples
     from lorakit.hub import resolve_adapter
     from lorakit.models import load_adapted_model, read_saved_config
-    from lorakit.runtime import amp_dtype, pick_device
+    from lorakit.runtime import amp_dtype, pick_device, precision_name
 
     adapter_dir = resolve_adapter(adapter_dir)  # a directory, or a Hub id fetched to the cache
     overrides = _task_overrides(read_saved_config(adapter_dir), overrides)
@@ -121,8 +121,9 @@ def evaluate_adapter(
     labels = [id2label[i] for i in sorted(id2label)]
     examples = load_examples(config.data, split, labels).head(t.max_eval_samples)
     data = encode(examples, tokenizer, t.max_length)
-    metrics = evaluate(model, data, t.eval_batch_size, device, amp_dtype(t.precision, device))
-    return {"examples": len(data), **metrics}
+    amp = amp_dtype(t.precision, device, "eval")
+    metrics = evaluate(model, data, t.eval_batch_size, device, amp)
+    return {"examples": len(data), **metrics, "precision": precision_name(amp)}
 
 
 def evaluate_onnx(
@@ -143,4 +144,5 @@ def evaluate_onnx(
     examples = load_examples(config.data, split, predictor.labels).head(t.max_eval_samples)
     data = encode(examples, predictor.tokenizer, predictor.max_length)
     logits = run_logits(data, predictor.logits_fn, t.eval_batch_size)
-    return {"examples": len(data), **logits_metrics(logits, data.labels)}
+    metrics = logits_metrics(logits, data.labels)
+    return {"examples": len(data), **metrics, "precision": meta.get("quantization") or "fp32"}

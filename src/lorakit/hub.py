@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lorakit.atomic import write_text
+from lorakit.atomic import readable, write_text
 from lorakit.errors import LoraKitError
 
 ADAPTER_FILES = [
@@ -29,8 +29,9 @@ def resolve_adapter(name: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     repo_id = str(name)
-    if Path(name).exists() or not _looks_like_repo_id(repo_id):
-        return Path(name)
+    local = readable(name)  # a swap a crash interrupted leaves the complete copy aside
+    if local.exists() or not _looks_like_repo_id(repo_id):
+        return local
     online = not hub_offline() and hub_reachable()
     try:
         folder = snapshot_download(

@@ -332,7 +332,7 @@ class LinearWithLoRA(nn.Module):
                 part += self._dora_delta(adapter, x[rows], part)
             else:
                 h = adapter.down(x[rows])  # (n_rows, *, rank)
-                if h.dtype != part.dtype:
+                if not h.dtype == adapter.lora_B.dtype == part.dtype:  # autocast, or low base
                     part += F.linear(h, adapter.scaled_B()).to(part.dtype)
                     continue
                 # part += s · h Bᵀ as one in-place matmul-add on the rows' (contiguous) view:
@@ -377,7 +377,11 @@ class LinearWithLoRA(nn.Module):
         out = self.base_layer(x)
         x3 = x.reshape(n, -1, x.shape[-1])  # (rows, tokens, in); the pooler's (rows, in) too
         h = torch.bmm(x3, a_stack[idx].transpose(1, 2))  # (rows, tokens, rank)
-        out.view(n, -1, out.shape[-1]).baddbmm_(h, b_stack[idx].transpose(1, 2))
+        b = b_stack[idx].transpose(1, 2)
+        if h.dtype == b.dtype == out.dtype:
+            out.view(n, -1, out.shape[-1]).baddbmm_(h, b)
+        else:  # under autocast the matmuls ran in bf16: add the update, cast, not in place
+            out.view(n, -1, out.shape[-1]).add_(torch.bmm(h, b).to(out.dtype))
         return out
 
     # -- merging ----------------------------------------------------------------------------
@@ -386,17 +390,19 @@ class LinearWithLoRA(nn.Module):
     def merge_weights(self) -> None:
         """Fold the active adapter into the base weight (fp32 math, cast back). Idempotent.
 
-        LoRA adds ``sBA`` (and unmerging subtracts it); DoRA and IA³ rescale the weight, so the
-        original is kept aside and unmerging restores it exactly.
+        The original weight (and bias) is kept aside and unmerging puts it back bit for bit, in
+        every dtype: subtracting ``sBA`` again would round differently from the addition
+        (by an ulp in bf16), and a model merged and unmerged many times (``disable_adapter``)
+        would drift. The cost is one copy of each merged layer's weight while merged.
         """
         if self.merged or self.active_adapter is None:
             return
         adapter = self.lora
         w, bias = self.weight(), self.base_layer.bias
+        self._unmerged = (w.detach().clone(), None if bias is None else bias.detach().clone())
         if isinstance(adapter, LoRALayer) and not adapter.use_dora:
             w.copy_((w.float() + adapter.delta_weight()).to(w.dtype))
         else:
-            self._unmerged = (w.detach().clone(), None if bias is None else bias.detach().clone())
             if isinstance(adapter, IA3Layer):
                 v = adapter.vector().float()
                 if adapter.feedforward:
@@ -413,19 +419,23 @@ class LinearWithLoRA(nn.Module):
     @torch.no_grad()
     def unmerge_weights(self) -> None:
         """Take the merged adapter back out of the base weight. Idempotent."""
-        if self.merged_adapter is None:
+        if self.merged_adapter is None or self._unmerged is None:
             return
-        adapter = self.adapter(self.merged_adapter)
-        w = self.weight()
-        if self._unmerged is not None:
-            weight, bias = self._unmerged
-            w.copy_(weight)
-            if bias is not None and self.base_layer.bias is not None:
-                self.base_layer.bias.copy_(bias)
-            self._unmerged = None
-        elif isinstance(adapter, LoRALayer):
-            w.copy_((w.float() - adapter.delta_weight()).to(w.dtype))
+        weight, bias = self._unmerged
+        self.weight().copy_(weight)
+        if bias is not None and self.base_layer.bias is not None:
+            self.base_layer.bias.copy_(bias)
+        self._unmerged = None
         self.merged_adapter = None
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop the adapter ``name`` (unmerged first); another one, if any, becomes active."""
+        if self.merged_adapter == name:
+            self.unmerge_weights()
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.adapters), None)
+        self._stack = None
 
     def extra_repr(self) -> str:
         return (

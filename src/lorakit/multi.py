@@ -32,6 +32,7 @@ from lorakit.errors import LoraKitError
 from lorakit.inject import find_heads, lora_layers, set_submodule
 from lorakit.lora import Router, Routes
 from lorakit.models import load_model, load_tokenizer
+from lorakit.runtime import amp_dtype, autocast
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,12 @@ class HeadSwitch(nn.Module):
 class AdapterSet:
     """A base model shared by named adapters; ``logits`` scores rows of mixed adapters."""
 
-    def __init__(self, model_name: str, device: torch.device | None = None) -> None:
+    def __init__(
+        self, model_name: str, device: torch.device | None = None, precision: str = "fp32"
+    ) -> None:
         self.model_name = model_name
         self.device = device or torch.device("cpu")
+        self.amp = amp_dtype(precision, self.device, "serve")  # None: fp32
         self.tokenizer = load_tokenizer(model_name)
         self.model = load_model(model_name, {0: "0", 1: "1"}).to(self.device).eval()  # type: ignore[arg-type]
         self.base_labels = int(self.model.config.num_labels)
@@ -126,6 +130,16 @@ class AdapterSet:
         with self.lock:
             plan = lora_plan(self.model, config, state)
             heads = self._check_heads(name, config, state)
+            served = ServedAdapter(  # every fact checked before anything is attached
+                name=name,
+                path=str(directory),
+                labels=_labels(config, heads),
+                text_columns=adapter_text_columns(config),
+                max_length=int(config.get("max_length") or DEFAULT_MAX_LENGTH),
+                task=config.get("task"),
+                ranks=tuple(sorted({p.rank for p in plan if p.kind == "lora"})),
+                variant=_variant(config),
+            )
             for wrapper in attach(self.model, plan, config, state, name):
                 wrapper.router = self.router
                 wrapper.requires_grad_(False)
@@ -133,17 +147,6 @@ class AdapterSet:
             for head, module in heads.items():
                 self.switches[head].heads[name] = module
             self.router.generation += 1  # the layers' stacked adapters are stale
-        labels = _labels(config, heads)
-        served = ServedAdapter(
-            name=name,
-            path=str(directory),
-            labels=labels,
-            text_columns=adapter_text_columns(config),
-            max_length=int(config.get("max_length") or DEFAULT_MAX_LENGTH),
-            task=config.get("task"),
-            ranks=tuple(sorted({p.rank for p in plan if p.kind == "lora"})),
-            variant=_variant(config),
-        )
         self.adapters[name] = served
         return served
 
@@ -187,9 +190,7 @@ class AdapterSet:
         with self.lock:
             for _, layer in lora_layers(self.model):
                 if name in layer.adapters:
-                    del layer.adapters[name]
-                    if layer.active_adapter == name:
-                        layer.active_adapter = next(iter(layer.adapters), None)
+                    layer.remove_adapter(name)
             for switch in self.switches.values():
                 del switch.heads[name]
             del self.adapters[name]
@@ -213,7 +214,7 @@ class AdapterSet:
                 routes.append((sorted_names[start], slice(start, i)))
                 start = i
         inputs = {k: torch.from_numpy(v[order]).to(self.device) for k, v in batch.items()}
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), autocast(self.device, self.amp):
             self.router.routes = routes
             try:
                 out = self.model(**inputs).logits.float().cpu().numpy()

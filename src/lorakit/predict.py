@@ -112,7 +112,7 @@ class Predictor:
         model, tokenizer, config = load_adapted_model(adapter_dir, model_name, dev)
         if merge:
             unwrap_lora(model)
-        amp = amp_dtype(precision, dev)
+        amp = amp_dtype(precision, dev, "predict")
         return cls.from_model(
             model,
             tokenizer,

@@ -21,9 +21,15 @@ Row = tuple[str, ...]  # one text, or a sentence pair
 class ApiError(Exception):
     """An error answered as TEI's JSON error body with an HTTP status."""
 
-    def __init__(self, status: int, error_type: str, message: str) -> None:
+    def __init__(self, status: int, error_type: str, message: str, close: bool = False) -> None:
+        # A message may quote the request; a lone surrogate in it could not be sent as UTF-8.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.error_type, self.message = status, error_type, message
+        self.close = close  # the connection must end (the rest of the body was not read)
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Connection": "close"} if self.close else {}
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type}
@@ -48,6 +54,10 @@ class PredictRequest:
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise validation(f"{where} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, no character
+        raise validation(f"{where} is not valid Unicode (it holds a lone surrogate)") from None
     if not value.strip():
         raise ApiError(422, "empty", f"{where} is empty: there is nothing to classify")
     return value

@@ -34,13 +34,37 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+FAST_BF16_ENV = "LORAKIT_FAST_BF16"  # "1"/"0": force the answer of ``bf16_fast``
+
+# Which jobs ``--precision auto`` runs in bf16 where bf16 is fast: the ones whose measurement
+# (docs/results.md, "fp32 or bf16") lost at most 0.2 accuracy points against fp32.
+# Export is absent: its graph and the reference it is checked against are fp32 by design.
+AUTO_BF16_JOBS = frozenset({"train", "eval", "predict", "serve"})
+
+
 @functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
+def _cpu_flags() -> frozenset[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(text.split())
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16).
+
+    ``LORAKIT_FAST_BF16=1`` (or ``0``) overrides the CPU's flags: it lets one machine behave,
+    for the precision decision, like the other kind (the test suite runs both ways).
+    """
+    import os
+
+    forced = os.environ.get(FAST_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise LoraKitError(f"{FAST_BF16_ENV} must be 1 or 0, not {forced!r}")
+        return forced == "1"
+    flags = _cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -50,10 +74,13 @@ def bf16_fast(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
+def amp_dtype(precision: str, device: torch.device, job: str = "train") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is bf16 for the jobs in ``AUTO_BF16_JOBS`` where ``bf16_fast``, else fp32.
+    """
     if precision == "auto":
-        return torch.bfloat16 if bf16_fast(device) else None
+        return torch.bfloat16 if job in AUTO_BF16_JOBS and bf16_fast(device) else None
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -61,6 +88,11 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16":
         return torch.float16
     raise LoraKitError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What ran, as the flags spell it: fp32, bf16 or fp16."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -54,6 +55,9 @@ from lorakit.protocol import (
     scores,
     validation,
 )
+from lorakit.runtime import precision_name
+
+MAX_PATH = 4096  # characters of a lora_path (Linux's PATH_MAX)
 
 
 @dataclass
@@ -73,6 +77,7 @@ class ServeSettings:
     max_input_length: int | None = None  # default: the model's positions
     auto_truncate: bool = False
     payload_limit: int = 2_000_000  # bytes, TEI's default
+    precision: str = "auto"  # auto: bf16 where the hardware runs it fast (runtime.amp_dtype)
 
 
 class Metrics:
@@ -216,7 +221,7 @@ class Server:
         if self.in_flight >= self.settings.max_concurrent_requests:
             error = ApiError(429, "overloaded", "model is overloaded: too many requests in flight")
             self.metrics.failures.labels(label, error.error_type).inc()
-            return JSONResponse(error.body(), status_code=error.status)
+            return error_response(error)
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         self.per_adapter[label] += 1
@@ -224,7 +229,7 @@ class Server:
             return JSONResponse(await work())
         except ApiError as e:
             self.metrics.failures.labels(label, e.error_type).inc()
-            return JSONResponse(e.body(), status_code=e.status)
+            return error_response(e)
         finally:
             self.in_flight -= 1
             self.per_adapter[label] -= 1
@@ -271,8 +276,13 @@ class Server:
                 "forbidden",
                 "runtime adapter loading is off; start the server with --adapter_dir",
             )
+        if "\x00" in given or len(given) > MAX_PATH:
+            raise validation(f"lora_path must be a path of at most {MAX_PATH} characters")
         root = Path(self.settings.adapter_dir).resolve()
-        path = (root / given).resolve()
+        try:
+            path = (root / given).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # too long a name, a symlink loop
+            raise validation(f"lora_path {given!r} cannot be resolved: {e}") from None
         if path != root and root not in path.parents:
             raise ApiError(403, "forbidden", f"lora_path {given!r} is outside --adapter_dir")
         return path
@@ -285,7 +295,7 @@ class Server:
         path = self._adapter_path(req["lora_path"])
         try:
             served = await asyncio.to_thread(self.adapters.load, name, path)
-        except LoraKitError as e:
+        except (LoraKitError, OSError) as e:  # OSError: a name too long for the file system
             raise ApiError(422, "validation", str(e)) from None
         self.default = self.default or name
         self.metrics.adapters.set(len(self.adapters.adapters))
@@ -323,7 +333,9 @@ class Server:
         return {
             "model_id": self.adapters.model_name,
             "model_sha": None,
-            "model_dtype": str(next(self.adapters.model.parameters()).dtype).replace("torch.", ""),
+            # what the matmuls run in (weights stay fp32 under bf16 autocast)
+            "model_dtype": str(self.adapters.amp or torch.float32).replace("torch.", ""),
+            "precision": precision_name(self.adapters.amp),
             "model_type": {
                 "classifier": {
                     "id2label": {str(i): label for i, label in enumerate(labels)},
@@ -344,6 +356,11 @@ class Server:
         }
 
 
+def error_response(e: ApiError) -> JSONResponse:
+    """TEI's error body with the error's status (and ``Connection: close`` where needed)."""
+    return JSONResponse(e.body(), status_code=e.status, headers=e.response_headers())
+
+
 def _page() -> str:
     return (importlib.resources.files("lorakit") / "static" / "index.html").read_text("utf-8")
 
@@ -352,16 +369,20 @@ async def _json(request: Request, limit: int) -> Any:
     """The body as JSON; 413 past ``limit`` bytes, 422 when it is not JSON."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "validation", f"request body is larger than {limit} bytes")
+        raise ApiError(413, "validation", f"request body is larger than {limit} bytes", close=True)
     raw = b""
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > limit:
-            raise ApiError(413, "validation", f"request body is larger than {limit} bytes")
+            raise ApiError(
+                413, "validation", f"request body is larger than {limit} bytes", close=True
+            )
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON or UTF-8, an integer past Python's 4,300 digits
         raise validation(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise validation("the body is not valid JSON: nested too deeply") from None
 
 
 def create_app(server: Server) -> FastAPI:
@@ -374,6 +395,13 @@ def create_app(server: Server) -> FastAPI:
         await asyncio.to_thread(server.batcher.stop)
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url="/docs")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        """A bug, not the client's fault: still TEI's JSON body, and a fresh connection."""
+        error = ApiError(500, "backend", f"internal error: {type(e).__name__}", close=True)
+        return error_response(error)
+
     limit = server.settings.payload_limit
 
     async def body_of(request: Request) -> Any:
@@ -384,7 +412,7 @@ def create_app(server: Server) -> FastAPI:
         try:
             body = await body_of(request)
         except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return error_response(e)
         name = body.get("adapter") if isinstance(body, dict) else None
         return await server.run(
             "predict", name if isinstance(name, str) else None, lambda: server.predict(body)
@@ -395,7 +423,7 @@ def create_app(server: Server) -> FastAPI:
         try:
             body = await body_of(request)
         except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return error_response(e)
         return await server.run("models", name, lambda: server.hf_inference(name, body))
 
     @app.get("/v1/adapters")
@@ -407,20 +435,20 @@ def create_app(server: Server) -> FastAPI:
         try:
             return JSONResponse(await server.load(await body_of(request)))
         except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return error_response(e)
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(request: Request) -> Response:
         try:
             return JSONResponse(await server.unload(await body_of(request)))
         except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return error_response(e)
 
     @app.get("/health")
     async def health() -> Response:
         if not server.batcher.alive:
             error = ApiError(503, "unhealthy", "the model worker is not running")
-            return JSONResponse(error.body(), status_code=error.status)
+            return error_response(error)
         return JSONResponse({"status": "ok"})
 
     @app.get("/info")
@@ -459,7 +487,7 @@ def build_server(settings: ServeSettings) -> Server:
         except LoraKitError as e:
             raise LoraKitError(f"--adapter {name}={directory}: {e}") from None
     model = settings.model or _base_of(resolved)
-    adapters = AdapterSet(model)
+    adapters = AdapterSet(model, precision=settings.precision)
     for name, directory, path in resolved:
         try:
             adapters.load(name, path)

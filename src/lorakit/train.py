@@ -45,7 +45,7 @@ from lorakit.paths import check_writable
 from lorakit.plots import plot_training_curves
 from lorakit.progress import Progress, progress
 from lorakit.runlog import RunLog, SilentLog
-from lorakit.runtime import amp_dtype, autocast, pick_device, thread_governor
+from lorakit.runtime import amp_dtype, autocast, pick_device, precision_name, thread_governor
 from lorakit.state import (
     count_lora_parameters,
     format_parameter_stats,
@@ -158,19 +158,26 @@ def build_model(config: Config, label_names: tuple[str, ...], device: torch.devi
 def param_groups(
     model: torch.nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float = 0.0
 ) -> list[dict[str, Any]]:
-    """AdamW's parameter groups: one, or LoRA+'s three as PEFT's ``create_loraplus_optimizer``.
+    """AdamW's parameter groups: matrices with weight decay, the rest without; with LoRA+, the
+    three of PEFT's ``create_loraplus_optimizer``.
 
+    Weight decay applies to weight matrices only, as the Trainer does it: never to biases
+    (the head's, ``bias="all"``'s), LayerNorm weights, DoRA magnitudes or IA³ vectors, which
+    decay would pull towards zero instead of towards the base model.
     LoRA+: ``lora_B`` and every 1-d tensor (biases, LayerNorm weights, DoRA magnitudes) learn
     at ``lr * loraplus_lr_ratio``, everything else (``lora_A``, head weights) at ``lr``.
-    Weight decay applies to matrices only: unlike PEFT, which also decays DoRA's magnitude
-    (pulling the row norms towards zero), no 1-d tensor is decayed.
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = {id(p) for n, p in trainable if p.ndim > 1 and not n.endswith("ia3_l")}
     if not loraplus_lr_ratio:
-        return [{"params": [p for _, p in trainable], "lr": lr, "weight_decay": weight_decay}]
-    fast = [p for n, p in trainable if ".lora_B" in n and p.ndim > 1]
-    fast_no_decay = [p for _, p in trainable if p.ndim == 1]
-    slow = [p for n, p in trainable if ".lora_B" not in n and p.ndim > 1]
+        groups = [
+            {"params": [p for _, p in trainable if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for _, p in trainable if id(p) not in decayed], "weight_decay": 0.0},
+        ]
+        return [{**g, "lr": lr} for g in groups if g["params"]]
+    fast = [p for n, p in trainable if ".lora_B" in n and id(p) in decayed]
+    fast_no_decay = [p for _, p in trainable if id(p) not in decayed]
+    slow = [p for n, p in trainable if ".lora_B" not in n and id(p) in decayed]
     groups = [
         {"params": slow, "lr": lr, "weight_decay": weight_decay},
         {"params": fast, "lr": lr * loraplus_lr_ratio, "weight_decay": weight_decay},
@@ -256,13 +263,12 @@ def _train(config: Config, world: World) -> dict[str, Any]:
     else:
         if world.is_main:
             save_config(config, out / "config.yaml")
-        precision = str(dtype or torch.float32).removeprefix("torch.")
         where = f"cpu ({thread_governor().describe()})" if device.type == "cpu" else str(device)
         processes = f" x {world.size} processes" if world.size > 1 else ""
         dev = f" / {len(dev_data):,} dev" if dev_data is not None else ""
         log.line(
             f"🚀 lorakit: {config.model_name} on {_data_name(config)} | device {where}"
-            f"{processes} | precision {precision} | {len(train_data):,} train{dev} / "
+            f"{processes} | precision {precision_name(dtype)} | {len(train_data):,} train{dev} / "
             f"{len(eval_data):,} eval examples"
         )
         log.line(format_parameter_stats(stats, _method_name(config)))
@@ -275,6 +281,7 @@ def _train(config: Config, world: World) -> dict[str, Any]:
     loop.run()
     loop.save_adapter(out / "final", loop.last_eval, loop.last_dev)
     summary = _summary(config, state, stats, loop.last_eval, train_ex.metric)
+    summary["precision"] = precision_name(dtype)
     if world.is_main:
         plot_training_curves(state.history, out / "training_curves.png")
         write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

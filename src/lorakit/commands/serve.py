@@ -72,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--payload_limit", type=int, default=2_000_000, metavar="BYTES", help="largest request body"
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="autocast precision of the forward pass; auto = bf16 where the hardware runs it "
+        "fast, else fp32 (/info says which)",
+    )
 
 
 def _adapter_args(values: list[str]) -> list[tuple[str, str]]:
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     # measurable speed here (docs/benchmarks-log.md, the long soak).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
     require_extra("serve", "lorakit serve")
-    from lorakit.runtime import pin_mmap_threshold
+    from lorakit.runtime import pin_mmap_threshold, precision_name
     from lorakit.serve import ServeSettings, build_server, run_server
 
     # Batches of ever-changing shapes would otherwise fragment the heap (with the two settings
@@ -129,11 +136,13 @@ def run(args: argparse.Namespace) -> int:
         max_input_length=args.max_input_length,
         auto_truncate=bool(getattr(args, "auto_truncate", False)),
         payload_limit=args.payload_limit,
+        precision=args.precision,
     )
     server = build_server(settings)
     url = f"http://{args.host}:{args.port}"
     print(
-        f"🚀 lorakit serve: {args.model} with {len(server.adapters.adapters)} adapter(s) at {url}"
+        f"🚀 lorakit serve: {server.adapters.model_name} with {len(server.adapters.adapters)} "
+        f"adapter(s) at {url}, precision {precision_name(server.adapters.amp)}"
     )
     for a in server.adapters.adapters.values():
         mark = " (default)" if a.name == server.default else ""
