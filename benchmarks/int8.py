@@ -40,8 +40,8 @@ from train_throughput import ROOT, cpu_name, publish
 from lorakit.config import DataSettings
 from lorakit.data import load_examples
 from lorakit.export import export_onnx, onnx_sidecar, onnx_tokenizer_dir
+from lorakit.onnx_int8 import quantize_per_channel
 from lorakit.predict import Predictor
-from lorakit.quantize import quantize_per_channel
 
 
 def _copy_sidecars(src: Path, dst: Path) -> None:

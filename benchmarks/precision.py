@@ -75,16 +75,19 @@ def speeds(adapter: Path, data_dir: Path, passes: int) -> dict[str, dict[str, fl
         )
         batches.append({k: v.astype(np.int64) for k, v in enc.items()})
     best: dict[str, dict[str, float]] = {p: {"predict": 0.0, "serve": 0.0} for p in PRECISIONS}
+    labels: dict[str, list[str]] = {}
     for _ in range(passes):
         for p in PRECISIONS:
             start = time.perf_counter()
-            predictors[p].predict(texts)
+            labels[p] = [r["label"] for r in predictors[p].predict(texts)]
             best[p]["predict"] = max(best[p]["predict"], len(texts) / (time.perf_counter() - start))
             start = time.perf_counter()
             for b in batches:
                 served[p].logits(b, ["a"] * len(b["input_ids"]))
             best[p]["serve"] = max(best[p]["serve"], len(texts) / (time.perf_counter() - start))
             print(f"{p}: {best[p]}", flush=True)
+    flips = sum(a != b for a, b in zip(labels["fp32"], labels["bf16"], strict=True))
+    best["bf16"]["sst2_label_flips"] = flips  # sentences whose label bf16 changes
     return best
 
 
@@ -108,6 +111,8 @@ def table(record: dict) -> str:
         + f"{speed['bf16']['predict'] / speed['fp32']['predict']:.2f}x | "
         + f"{speed['bf16']['serve'] / speed['fp32']['serve']:.2f}x |"
     )
+    flips = speed["bf16"].get("sst2_label_flips")
+    rows.append(f"\nSST-2 validation sentences whose predicted label bf16 changes: {flips}")
     return "\n".join(rows)
 
 

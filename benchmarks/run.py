@@ -142,6 +142,7 @@ def _predict_fn(spec: dict, texts: list[str]) -> Any:
     import torch
 
     from lorakit.predict import Predictor
+    from lorakit.runtime import autocast
 
     variant, adapter = spec["variant"], spec["adapter"]
     if variant.startswith("peft"):
@@ -153,12 +154,13 @@ def _predict_fn(spec: dict, texts: list[str]) -> Any:
         return lambda: predict().argmax(-1)
     if variant == "peft_merged":
         merged = model.merge_and_unload().eval()
+        amp = _auto_predict_dtype()  # the precision lorakit's predict runs here, for both
         ids = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
         order = np.argsort([len(i) for i in ids], kind="stable")
 
         def run() -> np.ndarray:
             out = np.empty(len(texts), dtype=np.int64)
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(torch.device("cpu"), amp):
                 for start in range(0, len(texts), 64):
                     idx = order[start : start + 64]
                     enc = tokenizer(
@@ -180,6 +182,26 @@ def _predict_fn(spec: dict, texts: list[str]) -> Any:
     return lambda: np.array([names.index(p["label"]) for p in predictor.predict(texts)])
 
 
+def _auto_predict_dtype() -> Any:
+    import torch
+
+    from lorakit.runtime import amp_dtype
+
+    return amp_dtype("auto", torch.device("cpu"), "predict")
+
+
+def _predict_precision(spec: dict) -> str:
+    """What precision a prediction benchmark ran: the graph's for ONNX, fp32 for the
+    Trainer (its default, as users call it), else what ``--precision auto`` picks here."""
+    from lorakit.runtime import precision_name
+
+    if spec["variant"].startswith("onnx"):
+        return "int8" if "int8" in spec["variant"] else "fp32"
+    if spec["variant"] == "peft_trainer":
+        return "fp32"
+    return precision_name(_auto_predict_dtype())
+
+
 def child_predict(spec: dict) -> dict:
     import numpy as np
 
@@ -195,7 +217,12 @@ def child_predict(spec: dict) -> dict:
         tick = time.perf_counter()
         fn()
         rates.append(len(texts) / (time.perf_counter() - tick))
-    return {"examples_per_sec": statistics.median(rates), "passes": rates, "accuracy": accuracy}
+    return {
+        "examples_per_sec": statistics.median(rates),
+        "passes": rates,
+        "accuracy": accuracy,
+        "precision": _predict_precision(spec),
+    }
 
 
 CHILDREN = {
@@ -497,6 +524,9 @@ def render(record: dict) -> str:
     def med(bench: str, key: str = "examples_per_sec") -> Stat:
         return Stat.of([r["results"][bench][key] for r in res])
 
+    def precision(bench: str) -> str:  # "—" for records from before it was kept
+        return "/".join(sorted({r["results"][bench].get("precision", "—") for r in res}))
+
     lines = [
         f"Command: `.venv/bin/python {record['command']}` ({n} rounds, {record['minutes']} min)  ",
         f"Date: {record['date']}, commit `{record['commit']}`"
@@ -517,21 +547,21 @@ def render(record: dict) -> str:
         "after so few rows only shows that each side trains; docs/results.md has the real "
         "ones:",
         "",
-        "| variant | examples/s | vs tuned peer | fraction of bound | val. accuracy "
+        "| variant | precision | examples/s | vs tuned peer | fraction of bound | val. accuracy "
         "| peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for v, label in TRAIN.items():
         b = f"train.{v}"
         lines.append(
-            f"| {label} | {med(b).fmt()} | "
+            f"| {label} | {precision(b)} | {med(b).fmt()} | "
             f"{per_round(record, ratio(b, 'train.peft_tuned')).fmt('.2f', 'x')} | "
             f"{per_round(record, of_bound(b, f['train_per_example'])).fmt('.0%')} | "
             f"{100 * med(b, 'accuracy').median:.2f}% | {med(b, 'peak_rss_mb').median:.0f} |"
         )
     b = "train.floor"
     lines.append(
-        f"| {FLOOR} | {med(b).fmt()} | "
+        f"| {FLOOR} | fp32 | {med(b).fmt()} | "
         f"{per_round(record, ratio(b, 'train.peft_tuned')).fmt('.2f', 'x')} | "
         f"{per_round(record, of_bound(b, f['train_per_example'])).fmt('.0%')} | — | — |"
     )
@@ -542,9 +572,9 @@ def render(record: dict) -> str:
         f"graph keeps {record['graphs']['int8_fp32_nodes']} matmuls fp32 (export took "
         f"{record['graphs']['int8_export_seconds']:.0f} s):",
         "",
-        "| path | sentences/s | vs PEFT Trainer.predict | vs PEFT merged | fraction of fp32 bound "
-        "| accuracy | vs lorakit fp32 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | precision | sentences/s | vs PEFT Trainer.predict | vs PEFT merged "
+        "| fraction of fp32 bound | accuracy | vs lorakit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v, label in PREDICT.items():
         b = f"predict.{v}"
@@ -553,7 +583,7 @@ def render(record: dict) -> str:
         acc = med(b, "accuracy").median
         delta = 100 * (acc - med("predict.lorakit", "accuracy").median)
         lines.append(
-            f"| {label} | {med(b).fmt()} | "
+            f"| {label} | {precision(b)} | {med(b).fmt()} | "
             f"{per_round(record, ratio(b, 'predict.peft_trainer')).fmt('.2f', 'x')} | "
             f"{per_round(record, ratio(b, 'predict.peft_merged')).fmt('.2f', 'x')} | "
             f"{per_round(record, of_bound(b, f['predict_per_example'])).fmt('.0%')} | "

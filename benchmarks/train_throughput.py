@@ -62,6 +62,7 @@ def run_lorakit(data_dir: str, samples: int, out: Path) -> dict:
         "examples_per_sec": summary["train_examples_per_sec"],
         "accuracy": summary["final_eval"]["accuracy"],
         "peak_rss_mb": _rss_mb(),
+        "precision": summary["precision"],
     }
 
 
@@ -126,6 +127,8 @@ def run_trainer(data_dir: str, samples: int, out: Path, tuned: bool) -> dict:
             self.marks.append(time.perf_counter())
 
     clock = Clock()
+    # The tuned peer runs the precision lorakit's --precision auto picks for training here.
+    bf16 = tuned and bf16_fast(torch.device("cpu"))
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=HYPER["batch_size"],
@@ -140,7 +143,7 @@ def run_trainer(data_dir: str, samples: int, out: Path, tuned: bool) -> dict:
         logging_steps=50,
         seed=42,
         use_cpu=True,
-        bf16=tuned and bf16_fast(torch.device("cpu")),
+        bf16=bf16,
         train_sampling_strategy="group_by_length" if tuned else "random",
     )
     trainer = Trainer(
@@ -160,6 +163,7 @@ def run_trainer(data_dir: str, samples: int, out: Path, tuned: bool) -> dict:
         "examples_per_sec": round(examples_per_sec, 2),
         "accuracy": accuracy,
         "peak_rss_mb": _rss_mb(),
+        "precision": "bf16" if bf16 else "fp32",
     }
 
 

@@ -10,9 +10,12 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
+    DebertaV2Config,
     DistilBertConfig,
+    ElectraConfig,
     GPT2Config,
     LlamaConfig,
+    MPNetConfig,
     PretrainedConfig,
     RobertaConfig,
 )
@@ -92,8 +95,44 @@ FAMILIES: dict[str, tuple[PretrainedConfig, list[str]]] = {
 }
 
 
+TINY = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+# More encoder families, for the target-table tests only (not in FAMILIES: every test taking the
+# `family` fixture would run on them too). Targets as `auto` resolves them.
+MORE_FAMILIES: dict[str, tuple[PretrainedConfig, list[str]]] = {
+    "deberta-v2": (  # shaped like deberta-v3-base: relative attention, shared position keys
+        DebertaV2Config(
+            **TINY,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_buckets=16,
+            position_biased_input=False,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+        ),
+        ["query_proj", "key_proj", "value_proj", "dense"],
+    ),
+    "electra": (
+        ElectraConfig(
+            **TINY,
+            embedding_size=32,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
+        ),
+        ["query", "key", "value", "dense"],
+    ),
+    "mpnet": (
+        MPNetConfig(**TINY, intermediate_size=64, max_position_embeddings=70, num_labels=2),
+        ["q", "k", "v", "o", "dense"],
+    ),
+}
+
+
 def make_model(family: str = "bert", seed: int = 0) -> torch.nn.Module:
-    config, _ = FAMILIES[family]
+    config, _ = FAMILIES[family] if family in FAMILIES else MORE_FAMILIES[family]
     torch.manual_seed(seed)
     # A copy: tests change their model's labels, which must not leak into the next model.
     model = AutoModelForSequenceClassification.from_config(copy.deepcopy(config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import lorakit
@@ -26,6 +27,7 @@ LAYERS = {
         "fused",
         "lora",
         "inject",
+        "targets",
         "state",
         "adapter",
         "adapter_config",
@@ -34,7 +36,7 @@ LAYERS = {
     "loading": {"data", "textfiles", "hub", "models", "batches", "runlog", "plots"},
     "engines": {
         "export",
-        "quantize",
+        "onnx_int8",
         "predict",
         "predict_files",
         "evaluate",
@@ -61,10 +63,21 @@ def _layer_of(module: str) -> int:
     return RANK[module.split(".")[0]]
 
 
+def _is_module(name: str) -> bool:
+    """``name`` (dotted, inside lorakit) is a module of the package, not, say, lorakit.json."""
+    path = PACKAGE.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def _imports(path: Path) -> set[str]:
-    """lorakit modules ``path`` imports anywhere in it (lazy imports inside functions too)."""
+    """lorakit modules ``path`` imports anywhere in it: lazy imports inside functions too, and
+    modules named by string for ``importlib`` (cli's subcommand table)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            name = node.value.removeprefix("lorakit.")
+            if re.fullmatch(r"lorakit(\.\w+)+", node.value) and _is_module(name):
+                found.add(name)
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorakit"):
             if node.module == "lorakit":
                 found.add("__init__")
@@ -101,6 +114,12 @@ def test_the_core_knows_nothing_of_training_serving_or_the_cli() -> None:
     assert {"lora", "inject", "state", "adapter"} <= set(core)
     for module, targets in core.items():
         assert all(_layer_of(t) <= RANK["lora"] for t in targets), (module, targets)
+
+
+def test_string_imports_are_followed() -> None:
+    """cli imports each subcommand by name; a command importing cli back would be a cycle."""
+    assert {f"commands.{c}" for c in ("train", "serve", "sweep")} <= _graph()["cli"]
+    assert all("cli" not in targets for m, targets in _graph().items() if m != "__main__")
 
 
 def test_no_import_cycles() -> None:

@@ -21,6 +21,7 @@ def _round(peak: float, lorakit: float, tuned: float, merged: float, int8: float
     results: dict = {}
     for v, eps in (("peft_default", tuned / 2), ("peft_tuned", tuned), ("lorakit", lorakit)):
         results[f"train.{v}"] = {"examples_per_sec": eps, "accuracy": 0.8, "peak_rss_mb": 900.0}
+        results[f"train.{v}"]["precision"] = "fp32" if v == "peft_default" else "bf16"
     results["train.floor"] = {"examples_per_sec": lorakit * 1.25}
     predict = {"peft_trainer": 100.0, "peft_merged": 200.0, "lorakit": merged}
     predict |= {"onnx_fp32": merged, "onnx_int8": int8, "onnx_int8_all": int8 * 1.5}
@@ -78,7 +79,11 @@ def test_render_reports_every_figure_and_which_targets_are_met() -> None:
     assert "commit `abc1234`" in text
     for label in [*bench.TRAIN.values(), *bench.PREDICT.values()]:
         assert f"| {label} |" in text
-    assert "| lorakit train | 300.0 (200.0–400.0) | 2.00x (2.00–2.00) | 20% (20%–30%) |" in text
+    assert (
+        "| lorakit train | bf16 | 300.0 (200.0–400.0) | 2.00x (2.00–2.00) | 20% (20%–30%) |" in text
+    )
+    assert "| Trainer + PEFT, defaults (random batches) | fp32 |" in text
+    assert "| lorakit predict, merged (batch 64, length-sorted) | — |" in text  # not kept then
     targets = {
         line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit(" | ", 1)[1]
         for line in text.splitlines()

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from lorakit.cli import COMMANDS, build_parser, config_overrides, main
+from lorakit.cli import COMMANDS, build_parser, main
+from lorakit.commands.flags import config_overrides
 from lorakit.config import load_config
 from lorakit.errors import LoraKitError
 

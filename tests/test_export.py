@@ -215,7 +215,7 @@ def test_int8_keeps_the_most_sensitive_matmuls_fp32(
     import onnx
     from conftest import write_sentiment_rows
 
-    from lorakit.quantize import matmuls, quantize_int8, sensitivity
+    from lorakit.onnx_int8 import matmuls, quantize_int8, sensitivity
 
     calibration = write_sentiment_rows(env["root"] / "calib.tsv", 24, seed=5)
     inputs = {k: v.numpy() for k, v in _inputs(onnx_file.with_suffix(".tokenizer")).items()}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, make_model
+from conftest import FAMILIES, MORE_FAMILIES, make_batch, make_model
 
 from lorakit import (
     LinearWithLoRA,
@@ -17,9 +21,11 @@ from lorakit import (
     load_lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora_weights,
+    save_adapter,
     unmerge_lora_weights,
 )
-from lorakit.inject import lora_layers
+from lorakit.config import load_config
+from lorakit.inject import apply_ia3_to_model, lora_layers
 
 
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -196,3 +202,212 @@ def test_bias_modes() -> None:
     }
     with pytest.raises(LoraKitError):
         mark_only_lora_as_trainable(model, bias="some")  # type: ignore[arg-type]
+
+
+def _blocks(prefix: str, *leaves: str) -> set[str]:
+    """``prefix.<i>.<leaf>`` for both layers of a tiny model."""
+    return {f"{prefix}.{i}.{leaf}" for i in (0, 1) for leaf in leaves}
+
+
+BERT_BLOCK = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+# family -> (what `auto` resolves to, the exact layers it wraps): every attention projection
+# and feed-forward layer (and the pooler's dense, which BERT's `dense` has always included).
+AUTO = {
+    "bert": (
+        ["query", "key", "value", "dense"],
+        _blocks("bert.encoder.layer", *BERT_BLOCK) | {"bert.pooler.dense"},
+    ),
+    "roberta": (["query", "key", "value", "dense"], _blocks("roberta.encoder.layer", *BERT_BLOCK)),
+    "electra": (["query", "key", "value", "dense"], _blocks("electra.encoder.layer", *BERT_BLOCK)),
+    "distilbert": (
+        ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+        _blocks(
+            "distilbert.transformer.layer",
+            *(f"attention.{x}" for x in ("q_lin", "k_lin", "v_lin", "out_lin")),
+            "ffn.lin1",
+            "ffn.lin2",
+        ),
+    ),
+    "deberta-v2": (
+        ["query_proj", "key_proj", "value_proj", "dense"],
+        _blocks(
+            "deberta.encoder.layer",
+            *(f"attention.self.{x}" for x in ("query_proj", "key_proj", "value_proj")),
+            *BERT_BLOCK[3:],
+        )
+        | {"pooler.dense"},
+    ),
+    "mpnet": (
+        ["q", "k", "v", "o", "dense"],
+        _blocks(
+            "mpnet.encoder.layer",
+            *(f"attention.attn.{x}" for x in "qkvo"),
+            "intermediate.dense",
+            "output.dense",
+        ),
+    ),
+    # Decoders: attention and the feed-forward too (DESIGN.md's lists stop at attention).
+    "gpt2": (
+        ["c_attn", "c_proj", "c_fc"],
+        _blocks("transformer.h", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    ),
+    "llama": (
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        _blocks(
+            "model.layers",
+            *(f"self_attn.{x}_proj" for x in "qkvo"),
+            *(f"mlp.{x}_proj" for x in ("gate", "up", "down")),
+        ),
+    ),
+}
+
+
+def _peft_equals_ours(model: torch.nn.Module, family: str, adapter: Path, peft) -> None:  # noqa: ANN001
+    """PEFT loads ``adapter`` onto a fresh base, onto the layers ``model`` wraps, with ``model``'s
+    logits and no warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(Unexpected|upgrade).*")
+        theirs = peft.PeftModel.from_pretrained(make_model(family), adapter).eval()
+    layers = {
+        n.removeprefix("base_model.model.")
+        for n, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert layers == {n for n, _ in lora_layers(model)}
+    batch = make_batch()
+    torch.testing.assert_close(
+        _logits(theirs, batch), _logits(model.eval(), batch), atol=1e-5, rtol=1e-5
+    )
+
+
+def _trained(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
+    """LoRA A, B and the head moved off their init, as training would."""
+    mark_only_lora_as_trainable(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _saved_targets(path: Path) -> list[str]:
+    return json.loads((path / "adapter_config.json").read_text())["target_modules"]
+
+
+@pytest.mark.parametrize("family", sorted(AUTO))
+def test_auto_wraps_attention_and_feedforward_as_peft_does(
+    tmp_path: Path,
+    family: str,
+    peft,  # noqa: ANN001
+) -> None:
+    names, layers = AUTO[family]
+    model = make_model(family)
+    assert set(apply_lora_to_model(model, "auto", rank=4, alpha=8)) == layers
+    assert set(apply_lora_to_model(make_model(family), "all-linear")) == layers  # nothing missed
+    save_adapter(_trained(model), tmp_path / "a")
+    assert _saved_targets(tmp_path / "a") == sorted(names)  # the family's own names
+    _peft_equals_ours(model, family, tmp_path / "a", peft)
+
+
+def test_the_more_families_targets_are_what_auto_resolves() -> None:
+    for family, (_, targets) in MORE_FAMILIES.items():
+        assert targets == AUTO[family][0]
+
+
+@pytest.mark.parametrize(
+    ("family", "listed", "leaves"),
+    [
+        ("mpnet", ["query", "value"], ("attention.attn.q", "attention.attn.v")),
+        ("mpnet", ["attention.output.dense"], ("attention.attn.o",)),
+        ("mpnet", ["output.dense"], ("attention.attn.o", "output.dense")),
+        ("mpnet", ["intermediate.dense"], ("intermediate.dense",)),  # spelled as in BERT
+        (
+            "distilbert",
+            ["key", "output.dense"],
+            ("attention.k_lin", "attention.out_lin", "ffn.lin2"),
+        ),
+        (
+            "deberta-v2",
+            ["query", "value"],
+            ("attention.self.query_proj", "attention.self.value_proj"),
+        ),
+        ("bert", ["query", "value"], ("attention.self.query", "attention.self.value")),
+    ],
+)
+def test_the_notes_names_map_to_the_familys(
+    family: str, listed: list[str], leaves: tuple[str, ...]
+) -> None:
+    prefix = {"distilbert": "distilbert.transformer.layer"}.get(
+        family, f"{family.split('-')[0]}.encoder.layer"
+    )
+    assert set(apply_lora_to_model(make_model(family), listed)) == _blocks(prefix, *leaves)
+
+
+def test_the_notes_default_on_mpnet_reaches_attention_and_saves_mpnets_names(
+    tmp_path: Path,
+    peft,  # noqa: ANN001
+) -> None:
+    model = make_model("mpnet")
+    wrapped = apply_lora_to_model(model, ["query", "key", "value", "dense"], rank=4, alpha=8)
+    assert set(wrapped) == AUTO["mpnet"][1]
+    save_adapter(_trained(model), tmp_path / "a")
+    assert _saved_targets(tmp_path / "a") == ["dense", "k", "o", "q", "v"]
+    _peft_equals_ours(model, "mpnet", tmp_path / "a", peft)
+
+
+@pytest.mark.parametrize(
+    ("family", "listed", "message"),
+    [
+        ("mpnet", ["query_proj", "value_proj", "dense"], "query_proj, value_proj .* q, k, v, o:"),
+        ("mpnet", ["q_lin", "v_lin", "intermediate.dense"], "q_lin, v_lin .* q, k, v, o:"),
+        ("bert", ["q", "v", "dense"], "q, v .* query, key, value, attention.output.dense:"),
+        ("deberta-v2", ["q_proj", "dense"], "q_proj .* query_proj, key_proj, value_proj"),
+    ],
+)
+def test_names_missing_beside_unwrapped_attention_are_refused(
+    family: str, listed: list[str], message: str
+) -> None:
+    model = make_model(family)
+    with pytest.raises(LoraKitError, match=f"target_modules {message}") as error:
+        apply_lora_to_model(model, listed)
+    assert "\n" not in str(error.value)
+    assert not list(lora_layers(model))  # refused before any layer changed
+
+
+def test_deliberate_subsets_and_zero_matches_behave_as_before() -> None:
+    # Every name matches: a chosen subset, feed-forward only included, is the user's to make.
+    ffn = apply_lora_to_model(make_model("mpnet"), ["intermediate.dense", "output.dense"])
+    assert len(ffn) == 6  # intermediate.dense, output.dense and (via output.dense) attn.o
+    # A name of another family beside a list that covers attention: one list for many families.
+    assert len(apply_lora_to_model(make_model("bert"), [*AUTO["bert"][0], "q_lin"])) == 13
+    with pytest.raises(LoraKitError, match=r"matched no layer.*\bq\b"):
+        apply_lora_to_model(make_model("mpnet"), ["q_proj"])  # nothing at all: as before
+    with pytest.raises(LoraKitError, match="auto knows the model types bert.*not None"):
+        apply_lora_to_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), "auto")
+
+
+def test_auto_from_the_config_and_the_flag_reaches_injection() -> None:
+    for value in ("auto", ["auto"]):
+        config = load_config(None, {"lora.target_modules": value})
+        assert config.lora.target_modules == "auto"
+    wrapped = apply_lora_to_model(make_model("mpnet"), config.lora.target_modules)
+    assert set(wrapped) == AUTO["mpnet"][1]
+    with pytest.raises(LoraKitError, match="auto stands alone"):
+        load_config(None, {"lora.target_modules": "auto,query"})
+
+
+def test_ia3_spells_targets_and_feedforward_for_the_family() -> None:
+    model = make_model("mpnet")
+    wrapped = apply_ia3_to_model(model)  # PEFT's BERT default: key, value, output.dense
+    leaves = ("attention.attn.k", "attention.attn.v", "attention.attn.o", "output.dense")
+    assert set(wrapped) == _blocks("mpnet.encoder.layer", *leaves)
+    feedforward = {n for n, layer in lora_layers(model) if layer.lora.feedforward}
+    assert feedforward == _blocks("mpnet.encoder.layer", "attention.attn.o", "output.dense")

@@ -37,8 +37,9 @@ for _cls in (YamlLoader, YamlDumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
-TargetModules = list[str] | str  # layer names; or one regex, or "all-linear" (as in PEFT)
+TargetModules = list[str] | str  # layer names; or one regex, "all-linear" (as in PEFT), "auto"
 ALL_LINEAR = "all-linear"  # = lorakit.inject.ALL_LINEAR (not imported: inject loads torch)
+AUTO = "auto"  # = lorakit.targets.AUTO (not imported: the core is a layer above this one)
 REGEX_CHARS = frozenset(".^$*+?{}[]\\|()")
 
 
@@ -52,8 +53,10 @@ class LoraSettings:
     alpha: float = _help("LoRA scaling alpha (update is scaled by alpha/rank)", default=16.0)
     dropout: float = _help("dropout on the LoRA branch input", default=0.05)
     target_modules: TargetModules = _help(
-        "layers to wrap with LoRA: names (exact or dotted suffix), one regex (full match on "
-        "the dotted name), or all-linear (every linear layer but the task head)",
+        "layers to wrap with LoRA: auto (the model family's attention projections and "
+        "feed-forward layers), names (exact or dotted suffix; query/key/value/dense are "
+        "spelled as the family spells them), one regex (full match on the dotted name), or "
+        "all-linear (every linear layer but the task head)",
         default_factory=lambda: ["query", "key", "value", "dense"],
     )
     variant: Literal["lora", "dora", "ia3"] = _help(
@@ -253,16 +256,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _targets(value: Any, where: str) -> TargetModules:
-    """``all-linear`` or a string with regex characters stays one string; other strings are
-    names separated by commas or spaces (a full-match regex without such characters could
-    only match a top-level module of that exact name)."""
-    if isinstance(value, str) and (value == ALL_LINEAR or not REGEX_CHARS.isdisjoint(value)):
+    """``all-linear``, ``auto`` or a string with regex characters stays one string; other
+    strings are names separated by commas or spaces (a full-match regex without such characters
+    could only match a top-level module of that exact name)."""
+    if value == [AUTO]:
+        value = AUTO
+    if isinstance(value, str) and (
+        value in (ALL_LINEAR, AUTO) or not REGEX_CHARS.isdisjoint(value)
+    ):
         try:
             re.compile(value)
         except re.error as e:
             raise LoraKitError(f"{where} {value!r} is not a valid regex: {e}") from None
         return value
     names: list[str] = _coerce(value, list[str], where)
+    if AUTO in names:
+        raise LoraKitError(f"{where}: auto stands alone, not in a list of names, got {names!r}")
     return names
 
 

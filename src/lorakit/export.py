@@ -36,8 +36,8 @@ from lorakit.data import (
     eval_order,
 )
 from lorakit.errors import LoraKitError
+from lorakit.onnx_int8 import DEFAULT_KEEP_FP32, quantize_int8
 from lorakit.paths import check_writable
-from lorakit.quantize import DEFAULT_KEEP_FP32, quantize_int8
 from lorakit.textfiles import read_texts
 
 TOLERANCE = 1e-4  # largest |logit difference| accepted between the output and the unmerged model
@@ -254,7 +254,7 @@ def export_onnx(
 
     The graph is traced on 2 short sentences and checked on 3 longer ones of mixed lengths,
     so the check also proves the batch and sequence axes dynamic. With ``quantize="int8"``
-    the checked fp32 graph is then quantized by ``lorakit.quantize.quantize_int8``: per-channel
+    the checked fp32 graph is then quantized by ``lorakit.onnx_int8.quantize_int8``: per-channel
     int8 weights, activations quantized per call, the ``keep_fp32`` matmuls most sensitive on
     the ``calibration`` rows (e.g. the training file) left fp32; ~4x smaller, faster on CPU,
     not bit-exact. Its logits must be finite and its differences are reported; ``on_node(i,

@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LoraKitError
 from lorakit.lora import DEFAULT_ADAPTER, LinearWithLoRA
+from lorakit.targets import AUTO, FAMILIES, attention_targets, auto_targets, family_names
 
 # Task heads, trained in full and saved with the adapter (RoBERTa's is `classifier` too).
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
@@ -36,6 +37,18 @@ def in_head(name: str, heads: Sequence[str]) -> bool:
     return any(name == h or name.startswith(h + ".") for h in heads)
 
 
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the linear layers (nn.Linear, GPT-2's Conv1D, wrapped ones) outside the head."""
+    heads = find_heads(model)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D, LinearWithLoRA))
+        and not in_head(name, heads)
+        and not name.endswith(".base_layer")
+    ]
+
+
 def find_target_modules(model: nn.Module, target_modules: Targets) -> list[str]:
     """Names of the linear layers (outside the task head) that ``target_modules`` selects.
 
@@ -44,15 +57,12 @@ def find_target_modules(model: nn.Module, target_modules: Targets) -> list[str]:
     Raises:
         LoraKitError: nothing matched; the message lists the model's linear layer names.
     """
-    heads = find_heads(model)
-    linear_names, hits = [], []
-    for name, module in model.named_modules():
-        if in_head(name, heads) or name.endswith(".base_layer"):
-            continue
-        if isinstance(module, (nn.Linear, Conv1D, LinearWithLoRA)):
-            linear_names.append(name)
-            if target_modules == ALL_LINEAR or matches_target(name, target_modules):
-                hits.append(name)
+    linear_names = linear_layer_names(model)
+    hits = [
+        name
+        for name in linear_names
+        if target_modules == ALL_LINEAR or matches_target(name, target_modules)
+    ]
     if not hits:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
         raise LoraKitError(
@@ -60,6 +70,56 @@ def find_target_modules(model: nn.Module, target_modules: Targets) -> list[str]:
             f"its linear layers are named: {', '.join(leaves)}"
         )
     return hits
+
+
+def model_type(model: nn.Module) -> str | None:
+    """``model.config.model_type`` (``bert``, ``mpnet``, ...); None for a model without one."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def resolve_targets(model: nn.Module, target_modules: Targets) -> Targets:
+    """The targets to wrap: ``auto`` becomes the family's attention and feed-forward layers
+    (``lorakit.targets``), and the note's names (``query``, ``dense``, ``output.dense``, ...)
+    are spelled as the model's family spells them. Regexes and ``all-linear`` stay as given.
+
+    Raises:
+        LoraKitError: ``auto`` on a family the table lacks; or a listed name that matches no
+            layer while some of the family's attention projections stay unwrapped.
+    """
+    family = model_type(model)
+    if target_modules == AUTO:
+        auto = auto_targets(family)
+        if auto is None:
+            raise LoraKitError(
+                f"target_modules auto knows the model types {', '.join(FAMILIES)}, not "
+                f"{family!r} ({type(model).__name__}): list the layers to wrap, or all-linear"
+            )
+        return auto
+    if isinstance(target_modules, str):
+        return target_modules
+    resolved = family_names(family, target_modules)
+    _refuse_missed_attention(model, family, target_modules, resolved)
+    return resolved
+
+
+def _refuse_missed_attention(
+    model: nn.Module, family: str | None, listed: Sequence[str], resolved: list[str]
+) -> None:
+    """A name that matches nothing, beside attention projections left unwrapped, is most likely
+    another family's spelling of them: refuse rather than train without LoRA on attention."""
+    layers = linear_layer_names(model)
+    wrapped = {n for n in layers if matches_target(n, resolved)}
+    attention = attention_targets(family)
+    unwrapped = [n for n in layers if matches_target(n, attention) and n not in wrapped]
+    missed = [
+        t for t in listed if not any(matches_target(n, family_names(family, [t])) for n in layers)
+    ]
+    if wrapped and unwrapped and missed:  # nothing wrapped: find_target_modules' error
+        raise LoraKitError(
+            f"target_modules {', '.join(missed)} match no layer of {type(model).__name__}, "
+            f"whose attention projections are named {', '.join(attention)}: list those, "
+            "the note's query/key/value/dense, or auto"
+        )
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -82,6 +142,7 @@ def apply_lora_to_model(
     Layers already wrapped are left alone, so applying twice never stacks LoRA.
 
     Args:
+        target_modules: layer names, a regex, ``all-linear`` or ``auto``; see ``resolve_targets``.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
         use_dora: DoRA, a trainable magnitude per output row on top of LoRA.
 
@@ -102,7 +163,7 @@ def _wrap_each(
 ) -> list[str]:
     """Replace every targeted layer not yet wrapped by ``wrap(name, layer)``; their names."""
     replaced = []
-    for name in find_target_modules(model, target_modules):
+    for name in find_target_modules(model, resolve_targets(model, target_modules)):
         module = model.get_submodule(name)
         if not isinstance(module, LinearWithLoRA):
             set_submodule(model, name, wrap(name, module))
@@ -121,9 +182,13 @@ def apply_ia3_to_model(
 ) -> list[str]:
     """Wrap every targeted layer with an IA³ vector (input-side on ``feedforward_modules``).
 
+    Both take the note's names, spelled for the model's family as ``resolve_targets`` says.
+
     Returns:
         The names of the modules that were replaced by this call.
     """
+    if not isinstance(feedforward_modules, str):
+        feedforward_modules = family_names(model_type(model), feedforward_modules)
 
     def wrap(name: str, module: nn.Module) -> LinearWithLoRA:
         wrapper = LinearWithLoRA(module, None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.cli import add_bool_flag
+from lorakit.commands.flags import add_bool_flag
 from lorakit.errors import LoraKitError
-from lorakit.quantize import DEFAULT_KEEP_FP32
+from lorakit.onnx_int8 import DEFAULT_KEEP_FP32
 
 HELP = "export the merged model to ONNX (dynamic batch and sequence), checked with onnxruntime"
 EPILOG = """\

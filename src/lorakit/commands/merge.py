@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.cli import add_bool_flag
+from lorakit.commands.flags import add_bool_flag
 
 HELP = "fold an adapter into its base model: a plain transformers directory, no lorakit needed"
 EPILOG = """\

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorakit.cli import add_bool_flag
+from lorakit.commands.flags import add_bool_flag
 from lorakit.errors import LoraKitError
 
 if TYPE_CHECKING:

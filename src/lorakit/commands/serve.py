@@ -17,7 +17,7 @@ Stop with Ctrl-C or SIGTERM: the server stops accepting, finishes what is in fli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorakit.cli import add_bool_flag
+    from lorakit.commands.flags import add_bool_flag
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG

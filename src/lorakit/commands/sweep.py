@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorakit.cli import add_config_flags, config_overrides
+from lorakit.commands.flags import add_config_flags, config_overrides
 
 if TYPE_CHECKING:
     from lorakit.sweep import Sweep

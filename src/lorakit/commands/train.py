@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorakit.cli import add_config_flags, config_overrides
+from lorakit.commands.flags import add_config_flags, config_overrides
 
 HELP = "fine-tune a model with LoRA (flags override the --config file)"
 
