@@ -157,14 +157,17 @@ def test_gathered_layers_equal_the_per_adapter_loop_and_follow_reloads(
     served,  # noqa: ANN001
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from lorakit.lora import LinearWithLoRA
+    import lorakit.mixed
 
     adapters, dirs = served
     batch, names = _mixed_batch(adapters, 9)
     gathered = adapters.logits(batch, names)
-    assert any(layer._stack is not None for _, layer in lora_layers(adapters.model))
+    stacks = adapters.router.stacks
+    assert any(
+        stacks.get(layer, (0, None))[1] is not None for _, layer in lora_layers(adapters.model)
+    )
     with monkeypatch.context() as m:
-        m.setattr(LinearWithLoRA, "_stacked", lambda self: None)  # one update per adapter
+        m.setattr(lorakit.mixed, "stacked", lambda layer, router: None)  # one update per adapter
         looped = adapters.logits(batch, names)
     for g, want in zip(gathered, looped, strict=True):
         np.testing.assert_allclose(g, want, atol=1e-5, rtol=1e-5)

@@ -11,12 +11,21 @@
 A starts kaiming-uniform and B at zero, so a freshly wrapped layer computes exactly what the
 base layer did. The adapters of a layer live in a ``ModuleDict`` keyed by adapter name, so one
 base layer can carry several; one of them (or none) is active at a time, or, in a mixed batch,
-each adapter owns some rows (``Router``).
+each adapter owns some rows (``lorakit.mixed``).
+
+Every adapter kind answers the same few calls, and the wrapper knows no kind by name:
+``output(layer, x)`` (the layer's output with the adapter), ``scale_input(x)`` and
+``add_to_rows(layer, x, part)`` (its share of a mixed batch), ``merged(w, b)`` (the weight and
+bias with it folded in), ``peft_tensors()`` (its tensors under PEFT's names) and ``stackable``
+(plain LoRA, which mixed batches may gather). ``KINDS`` lists them by PEFT type; a new kind is
+one class here (or a module beside it) and one line there. The frozen weight is always read as
+``layer.weight()``, so any ``base_layer`` with a ``weight`` works under them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +35,14 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.fused import lora_linear
 
 DEFAULT_ADAPTER = "default"
-Routes = list[tuple[str, slice]]  # adapter name -> the batch rows it owns, grouped
 
 
-class Router:
-    """Shared by every layer of one model: which rows of the current batch use which adapter.
+class RowRouter(Protocol):
+    """What a layer asks in a mixed batch (``lorakit.mixed.Router``): whose rows are whose."""
 
-    ``routes`` is None outside a mixed batch; then each layer runs its active adapter.
-    """
+    routes: Any  # None outside a mixed batch
 
-    def __init__(self) -> None:
-        self.routes: Routes | None = None
-        # Bumped whenever an adapter is loaded or removed: layers rebuild their stacks.
-        self.generation = 0
+    def forward(self, layer: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class LoRALayer(nn.Module):
@@ -111,6 +115,69 @@ class LoRALayer(nn.Module):
         norm = (weight.float() + delta).norm(p=2, dim=1).detach()
         return self.lora_magnitude_vector / norm  # (out,)
 
+    # -- the adapter protocol ----------------------------------------------------------------
+
+    kind = "LORA"
+
+    @property
+    def stackable(self) -> bool:
+        return not self.use_dora
+
+    def output(self, layer: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor:
+        """``layer``'s output with this adapter: one fused autograd node where it can run."""
+        base = layer.base_layer
+        if not self.use_dora and _fusable(self, base.weight, x):
+            xd = self.dropout(x)
+            w = layer.weight()
+            return lora_linear(
+                x, None if xd is x else xd, w, base.bias, self.lora_A, self.lora_B, self.scaling
+            )
+        out = base(x)
+        if self.use_dora:
+            return out + self.dora_delta(layer, x, out)
+        # bf16/fp16 base outside autocast, or autocast: the LoRA math in the LoRA dtype
+        return out + F.linear(self.down(x), self.scaled_B()).to(out.dtype)
+
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None  # LoRA adds to the output; the shared matmul sees the input as it is
+
+    def add_to_rows(self, layer: LinearWithLoRA, x: torch.Tensor, part: torch.Tensor) -> None:
+        """Add this adapter's update to ``part`` (its rows of the shared output, a view)."""
+        if self.use_dora:
+            part += self.dora_delta(layer, x, part)
+            return
+        h = self.down(x)  # (n_rows, *, rank)
+        if not h.dtype == self.lora_B.dtype == part.dtype:  # autocast, or a low-precision base
+            part += F.linear(h, self.scaled_B()).to(part.dtype)
+            return
+        # part += s · h Bᵀ as one in-place matmul-add on the rows' (contiguous) view: two
+        # kernels per adapter and layer, which is what a mixed batch multiplies.
+        part.view(-1, part.shape[-1]).addmm_(
+            h.reshape(-1, h.shape[-1]), self.lora_B.T, alpha=self.scaling
+        )
+
+    def dora_delta(self, layer: LinearWithLoRA, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to ``out`` (= the base layer's output for ``x``, bias included)."""
+        weight = layer.weight()
+        scale = self.dora_scale(weight)  # (out,)
+        xd = self.dropout(self._cast(x))
+        up = F.linear(F.linear(xd, self.lora_A), self.scaled_B())
+        if isinstance(self.dropout, nn.Identity):  # x Wᵀ is already in out
+            bias = layer.base_layer.bias
+            base = out if bias is None else out - bias
+        else:  # dropout changed the input: x Wᵀ of the dropped-out input
+            base = F.linear(xd, weight.to(xd.dtype))
+        return ((scale - 1) * base + scale * up).to(out.dtype)
+
+    def merged(
+        self, w: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W + sBA`` (DoRA: rescaled per row), fp32 math cast back; the bias unchanged."""
+        new = w.float() + self.delta_weight()
+        if self.use_dora:
+            new = self.dora_scale(w).float()[:, None] * new
+        return new.to(w.dtype), bias
+
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's key suffixes."""
         out: dict[str, torch.Tensor] = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
@@ -132,15 +199,49 @@ class IA3Layer(nn.Module):
         """(in,) for a feed-forward layer, else (out,)."""
         return self.ia3_l.flatten()
 
+    # -- the adapter protocol ----------------------------------------------------------------
+
+    kind = "IA3"
+    stackable = False
+
+    def output(self, layer: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor:
+        if self.feedforward:
+            return layer.base_layer(x * self.vector().to(x.dtype))
+        out = layer.base_layer(x)
+        return out * self.vector().to(out.dtype)
+
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        return x * self.vector().to(x.dtype) if self.feedforward else None
+
+    def add_to_rows(self, layer: LinearWithLoRA, x: torch.Tensor, part: torch.Tensor) -> None:
+        if not self.feedforward:  # a feed-forward vector already scaled the rows' input
+            part *= self.vector().to(part.dtype)
+
+    def merged(
+        self, w: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight's columns (feed-forward) or rows and bias scaled by the vector."""
+        v = self.vector().float()
+        if self.feedforward:
+            return (w.float() * v[None, :]).to(w.dtype), bias
+        scaled_bias = None if bias is None else (bias.float() * v).to(bias.dtype)
+        return (w.float() * v[:, None]).to(w.dtype), scaled_bias
+
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l}
 
 
 Adapter = LoRALayer | IA3Layer
-# A layer's plain-LoRA adapters for a mixed batch: name -> position, A as (K+1, r, in) and
-# s·B as (K+1, out, r), ranks zero-padded to the largest, the last entry zero (for the rows
-# of adapters that do not adapt this layer).
-Stack = tuple[dict[str, int], torch.Tensor, torch.Tensor]
+# PEFT type -> the adapter class that implements it (AdaLoRA joins here).
+KINDS: dict[str, type[Adapter]] = {LoRALayer.kind: LoRALayer, IA3Layer.kind: IA3Layer}
+
+
+def _fusable(lora: LoRALayer, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``lora_linear`` (one autograd node, see lorakit.fused) can run this call: one
+    dtype throughout and no autocast (which would choose dtypes per matmul)."""
+    return x.dtype == lora.lora_A.dtype == weight.dtype and not torch.is_autocast_enabled(
+        x.device.type
+    )
 
 
 class LinearWithLoRA(nn.Module):
@@ -178,9 +279,7 @@ class LinearWithLoRA(nn.Module):
         self.merged_adapter: str | None = None
         self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.disabled = False
-        self.router: Router | None = None  # set for mixed-adapter batches (lorakit.multi)
-        # (router generation, adapter names) -> the adapters stacked for gathered mixed batches
-        self._stack: tuple[tuple[int, tuple[str, ...]], Stack | None] | None = None
+        self.router: RowRouter | None = None  # set for mixed-adapter batches (lorakit.multi)
         if rank is not None:
             self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, use_dora)
         self._freeze_linear()
@@ -249,140 +348,10 @@ class LinearWithLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is not None and self.router.routes is not None:
-            return self._mixed(x, self.router.routes)
+            return self.router.forward(self, x)
         if self.disabled or self.merged or self.active_adapter is None:
             return self.base_layer(x)
-        adapter = self.lora
-        if isinstance(adapter, IA3Layer):
-            return self._ia3(adapter, x)
-        if not adapter.use_dora and self._fusable(adapter, x):
-            xd = adapter.dropout(x)
-            return lora_linear(
-                x,
-                None if xd is x else xd,
-                self.weight(),
-                self.base_layer.bias,
-                adapter.lora_A,
-                adapter.lora_B,
-                adapter.scaling,
-            )
-        out = self.base_layer(x)
-        if adapter.use_dora:
-            return out + self._dora_delta(adapter, x, out)
-        # bf16/fp16 base outside autocast, or autocast: the LoRA math in the LoRA dtype
-        return out + F.linear(adapter.down(x), adapter.scaled_B()).to(out.dtype)
-
-    def _fusable(self, adapter: LoRALayer, x: torch.Tensor) -> bool:
-        """Whether ``lora_linear`` (one autograd node, see lorakit.fused) can run this call:
-        one dtype throughout and no autocast (which would choose dtypes per matmul)."""
-        return (
-            x.dtype == adapter.lora_A.dtype == self.base_layer.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
-
-    def _ia3(self, adapter: IA3Layer, x: torch.Tensor) -> torch.Tensor:
-        if adapter.feedforward:
-            return self.base_layer(x * adapter.vector().to(x.dtype))
-        out = self.base_layer(x)
-        return out * adapter.vector().to(out.dtype)
-
-    def _dora_delta(self, lora: LoRALayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What DoRA adds to ``out`` (= base_layer(x), bias included)."""
-        weight = self.weight()
-        scale = lora.dora_scale(weight)  # (out,)
-        xd = lora.dropout(lora._cast(x))
-        up = F.linear(F.linear(xd, lora.lora_A), lora.scaled_B())
-        if isinstance(lora.dropout, nn.Identity):  # x Wᵀ is already in out
-            bias = self.base_layer.bias
-            base = out if bias is None else out - bias
-        else:  # dropout changed the input: x Wᵀ of the dropped-out input
-            base = F.linear(xd, weight.to(xd.dtype))
-        return ((scale - 1) * base + scale * up).to(out.dtype)
-
-    def _mixed(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
-        """Each row slice gets its own adapter; the base matmul runs once for all rows.
-
-        Rows come grouped by adapter (``routes``: adapter name -> contiguous row slice), so
-        every adapter's update works on a view: no gather, no scatter. A feed-forward IA³
-        adapter scales its rows' input before the shared matmul.
-        """
-        if self.merged:
-            raise RuntimeError("mixed-adapter batches need unmerged weights")
-        if len(routes) > 1 and not torch.is_grad_enabled() and not self.training:
-            stack = self._stacked()
-            if stack is not None and stack[1].dtype == x.dtype:
-                return self._gathered(x, routes, stack)
-        scaled_input = x
-        for name, rows in routes:
-            adapter = self.adapter(name) if name in self.adapters else None
-            if isinstance(adapter, IA3Layer) and adapter.feedforward:
-                if scaled_input is x:
-                    scaled_input = x.clone()
-                scaled_input[rows] *= adapter.vector().to(x.dtype)
-        out = self.base_layer(scaled_input)
-        for name, rows in routes:
-            if name not in self.adapters:  # this adapter does not adapt this layer
-                continue
-            adapter = self.adapter(name)
-            part = out[rows]  # (n_rows, *, out), a view
-            if isinstance(adapter, IA3Layer):
-                if not adapter.feedforward:
-                    part *= adapter.vector().to(part.dtype)
-            elif adapter.use_dora:
-                part += self._dora_delta(adapter, x[rows], part)
-            else:
-                h = adapter.down(x[rows])  # (n_rows, *, rank)
-                if not h.dtype == adapter.lora_B.dtype == part.dtype:  # autocast, or low base
-                    part += F.linear(h, adapter.scaled_B()).to(part.dtype)
-                    continue
-                # part += s · h Bᵀ as one in-place matmul-add on the rows' (contiguous) view:
-                # two kernels per adapter and layer, which is what a mixed batch multiplies.
-                part.view(-1, part.shape[-1]).addmm_(
-                    h.reshape(-1, h.shape[-1]), adapter.lora_B.T, alpha=adapter.scaling
-                )
-        return out
-
-    def _stacked(self) -> Stack | None:
-        """This layer's adapters stacked (``Stack``), or None if one is not plain LoRA;
-        rebuilt when the router's generation or the adapter names change."""
-        key = (self.router.generation if self.router else -1, tuple(self.adapters))
-        if self._stack is not None and self._stack[0] == key:
-            return self._stack[1]
-        adapters = [(n, a) for n, a in self.adapters.items()]
-        stack: Stack | None = None
-        if adapters and all(isinstance(a, LoRALayer) and not a.use_dora for _, a in adapters):
-            loras = [a for _, a in adapters if isinstance(a, LoRALayer)]
-            rank = max(a.rank for a in loras)
-            first = loras[0].lora_A
-            a_stack = first.new_zeros((len(loras) + 1, rank, self.in_features))
-            b_stack = first.new_zeros((len(loras) + 1, self.out_features, rank))
-            with torch.no_grad():
-                for i, a in enumerate(loras):
-                    a_stack[i, : a.rank] = a.lora_A
-                    b_stack[i, :, : a.rank] = a.scaled_B()
-            stack = ({n: i for i, (n, _) in enumerate(adapters)}, a_stack, b_stack)
-        self._stack = (key, stack)
-        return stack
-
-    def _gathered(self, x: torch.Tensor, routes: Routes, stack: Stack) -> torch.Tensor:
-        """A mixed batch in four kernels whatever the number of adapters (Punica's gathered
-        LoRA): each row's A and s·B are gathered from the stack, then one batched matmul
-        down and one batched matmul-add up. The same FLOPs as one adapter's update."""
-        positions, a_stack, b_stack = stack
-        n = x.shape[0]
-        index = [a_stack.shape[0] - 1] * n
-        for name, rows in routes:
-            index[rows] = [positions.get(name, a_stack.shape[0] - 1)] * (rows.stop - rows.start)
-        idx = torch.tensor(index, device=x.device)
-        out = self.base_layer(x)
-        x3 = x.reshape(n, -1, x.shape[-1])  # (rows, tokens, in); the pooler's (rows, in) too
-        h = torch.bmm(x3, a_stack[idx].transpose(1, 2))  # (rows, tokens, rank)
-        b = b_stack[idx].transpose(1, 2)
-        if h.dtype == b.dtype == out.dtype:
-            out.view(n, -1, out.shape[-1]).baddbmm_(h, b)
-        else:  # under autocast the matmuls ran in bf16: add the update, cast, not in place
-            out.view(n, -1, out.shape[-1]).add_(torch.bmm(h, b).to(out.dtype))
-        return out
+        return self.lora.output(self, x)
 
     # -- merging ----------------------------------------------------------------------------
 
@@ -397,23 +366,12 @@ class LinearWithLoRA(nn.Module):
         """
         if self.merged or self.active_adapter is None:
             return
-        adapter = self.lora
         w, bias = self.weight(), self.base_layer.bias
         self._unmerged = (w.detach().clone(), None if bias is None else bias.detach().clone())
-        if isinstance(adapter, LoRALayer) and not adapter.use_dora:
-            w.copy_((w.float() + adapter.delta_weight()).to(w.dtype))
-        else:
-            if isinstance(adapter, IA3Layer):
-                v = adapter.vector().float()
-                if adapter.feedforward:
-                    w.copy_((w.float() * v[None, :]).to(w.dtype))
-                else:
-                    w.copy_((w.float() * v[:, None]).to(w.dtype))
-                    if bias is not None:
-                        bias.copy_((bias.float() * v).to(bias.dtype))
-            else:
-                scale = adapter.dora_scale(w).float()
-                w.copy_((scale[:, None] * (w.float() + adapter.delta_weight())).to(w.dtype))
+        new_w, new_bias = self.lora.merged(w, bias)
+        w.copy_(new_w)
+        if bias is not None and new_bias is not None:
+            bias.copy_(new_bias)
         self.merged_adapter = self.active_adapter
 
     @torch.no_grad()
@@ -435,7 +393,6 @@ class LinearWithLoRA(nn.Module):
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
-        self._stack = None
 
     def extra_repr(self) -> str:
         return (

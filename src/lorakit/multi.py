@@ -30,7 +30,7 @@ from lorakit.adapter import (
 from lorakit.data import DEFAULT_MAX_LENGTH, adapter_text_columns
 from lorakit.errors import LoraKitError
 from lorakit.inject import find_heads, lora_layers, set_submodule
-from lorakit.lora import Router, Routes
+from lorakit.mixed import Router, Routes
 from lorakit.models import load_model, load_tokenizer
 from lorakit.runtime import amp_dtype, autocast
 

@@ -9,6 +9,7 @@ Routes (the wire formats are in ``lorakit.protocol``):
     POST /v1/unload_lora_adapter  waits for the adapter's requests in flight, then unloads
     GET  /health, /info, /metrics TEI's, plus the adapters; Prometheus text
     GET  /                        a page to try the adapters in a browser
+    GET  /openapi.json, /docs     every body, success and error status above, and Swagger UI
 
 Handlers validate and tokenize, then enqueue rows for the ``Batcher``'s worker thread; a
 request over ``max_concurrent_requests`` is answered 429 at once. The server keeps no state
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -42,22 +44,32 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import Counter as PromCounter
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from lorakit.batcher import Batcher, Row
 from lorakit.errors import LoraKitError
 from lorakit.multi import AdapterSet, ServedAdapter
 from lorakit.protocol import (
+    MAX_PATH,
+    AdapterInfo,
+    AdapterList,
     ApiError,
+    ErrorBody,
+    Health,
+    InferencePredictions,
+    Info,
+    Predictions,
+    Unloaded,
     adapter_request,
     ranked,
     read_hf,
     read_tei,
+    request_schemas,
     scores,
     validation,
 )
 from lorakit.runtime import precision_name
-
-MAX_PATH = 4096  # characters of a lora_path (Linux's PATH_MAX)
 
 
 @dataclass
@@ -290,6 +302,8 @@ class Server:
     async def load(self, body: Any) -> Any:
         req = adapter_request(body, "lora_name", "lora_path")
         name = req["lora_name"]
+        if problem := name_problem(name):
+            raise validation(f"lora_name {name!r} is not a name for an adapter: {problem}")
         if name in self.adapters.adapters:
             raise ApiError(400, "validation", f"an adapter named {name!r} is already loaded")
         path = self._adapter_path(req["lora_path"])
@@ -356,6 +370,21 @@ class Server:
         }
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot key torch's ``ModuleDict``, where each layer keeps its adapters
+    (a ``.``, or a name of its own attributes such as ``training``); None when it can."""
+    try:
+        torch.nn.ModuleDict({name: torch.nn.Identity()})
+    except KeyError as e:
+        return str(e.args[0])
+    return None
+
+
+def reserved_names() -> list[str]:
+    """Every name ``name_problem`` refuses that holds no ``.``: ``ModuleDict``'s attributes."""
+    return sorted(n for n in dir(torch.nn.ModuleDict()) if "." not in n and name_problem(n))
+
+
 def error_response(e: ApiError) -> JSONResponse:
     """TEI's error body with the error's status (and ``Connection: close`` where needed)."""
     return JSONResponse(e.body(), status_code=e.status, headers=e.response_headers())
@@ -385,8 +414,65 @@ async def _json(request: Request, limit: int) -> Any:
         raise validation("the body is not valid JSON: nested too deeply") from None
 
 
+# What each error status of a route means; every one is answered with TEI's ``ErrorBody``.
+TOO_LARGE = "validation: the body is over --payload_limit bytes"
+CLASSIFY_ERRORS = {
+    404: "not_found: no adapter of that name is loaded",
+    413: "validation: the body is over --payload_limit bytes, the batch over "
+    "--max_client_batch_size, or a text over the adapter's max_length tokens (and not truncated)",
+    422: "validation: the body does not match the schema, or its texts do not fit the adapter (a "
+    "pair for a single-text adapter or the reverse); empty: a blank text",
+    424: "backend: the model failed on the batch",
+    429: "overloaded: --max_concurrent_requests requests are in flight",
+}
+LOAD_ERRORS = {
+    400: "validation: an adapter of that name is already loaded",
+    403: "forbidden: runtime loading is off (no --adapter_dir), or lora_path leads outside it",
+    413: TOO_LARGE,
+    422: "validation: the body does not match the schema, or lora_path holds no adapter for the "
+    "base model",
+}
+UNLOAD_ERRORS = {
+    404: "not_found: no adapter of that name is loaded",
+    413: TOO_LARGE,
+    422: "validation: the body does not match the schema",
+}
+
+
+def _responses(ok: type[BaseModel], errors: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: the success model, then each error status it can answer."""
+    out: dict[int | str, dict[str, Any]] = {200: {"model": ok, "description": "Success"}}
+    out.update({code: {"model": ErrorBody, "description": text} for code, text in errors.items()})
+    return out
+
+
+def _body(schema: str, limit: int) -> dict[str, Any]:
+    """``openapi_extra`` naming the body schema of a route that reads its own JSON (``_json``)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": f"JSON, at most {limit} bytes (--payload_limit)",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    }
+
+
+def _openapi(app: FastAPI, max_batch: int) -> dict[str, Any]:
+    """FastAPI's document plus the request bodies' schemas, which no route parameter names."""
+    if app.openapi_schema is None:
+        doc = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(
+            request_schemas(max_batch, reserved_names())
+        )
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def create_app(server: Server) -> FastAPI:
     """The FastAPI app around ``server``; its worker runs between startup and shutdown."""
+    from lorakit.adapter import lorakit_version
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -394,7 +480,17 @@ def create_app(server: Server) -> FastAPI:
         yield
         await asyncio.to_thread(server.batcher.stop)
 
-    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url="/docs")
+    app = FastAPI(
+        title="lorakit serve",
+        version=lorakit_version(),
+        description="Text classification with many LoRA adapters over one base model: TEI's "
+        "API, the Hugging Face Inference API, vLLM's adapter loading. Every error is TEI's "
+        'body, {"error": ..., "error_type": ...}.',
+        lifespan=lifespan,
+        docs_url="/docs",
+    )
+    max_batch = server.settings.max_client_batch_size
+    app.openapi = lambda: _openapi(app, max_batch)  # type: ignore[method-assign]
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
@@ -402,12 +498,29 @@ def create_app(server: Server) -> FastAPI:
         error = ApiError(500, "backend", f"internal error: {type(e).__name__}", close=True)
         return error_response(error)
 
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, e: HTTPException) -> JSONResponse:
+        """No such path (404) or method (405): TEI's body too, not Starlette's ``detail``."""
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "validation")
+        body = {"error": str(e.detail), "error_type": error_type}
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
+
+    _routes(app, server)
+    return app
+
+
+def _routes(app: FastAPI, server: Server) -> None:
+    """Every route, each documented with its body, its success and each error it answers."""
     limit = server.settings.payload_limit
 
     async def body_of(request: Request) -> Any:
         return await _json(request, limit)
 
-    @app.post("/predict")
+    @app.post(
+        "/predict",
+        responses=_responses(Predictions, CLASSIFY_ERRORS),
+        openapi_extra=_body("PredictBody", limit),
+    )
     async def predict(request: Request) -> Response:
         try:
             body = await body_of(request)
@@ -418,7 +531,11 @@ def create_app(server: Server) -> FastAPI:
             "predict", name if isinstance(name, str) else None, lambda: server.predict(body)
         )
 
-    @app.post("/models/{name}")
+    @app.post(
+        "/models/{name}",
+        responses=_responses(InferencePredictions, CLASSIFY_ERRORS),
+        openapi_extra=_body("InferenceBody", limit),
+    )
     async def hf_inference(name: str, request: Request) -> Response:
         try:
             body = await body_of(request)
@@ -426,36 +543,48 @@ def create_app(server: Server) -> FastAPI:
             return error_response(e)
         return await server.run("models", name, lambda: server.hf_inference(name, body))
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", response_model=AdapterList)
     async def adapters() -> dict[str, Any]:
         return server.listing()
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post(
+        "/v1/load_lora_adapter",
+        responses=_responses(AdapterInfo, LOAD_ERRORS),
+        openapi_extra=_body("LoadAdapterBody", limit),
+    )
     async def load(request: Request) -> Response:
         try:
             return JSONResponse(await server.load(await body_of(request)))
         except ApiError as e:
             return error_response(e)
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post(
+        "/v1/unload_lora_adapter",
+        responses=_responses(Unloaded, UNLOAD_ERRORS),
+        openapi_extra=_body("UnloadAdapterBody", limit),
+    )
     async def unload(request: Request) -> Response:
         try:
             return JSONResponse(await server.unload(await body_of(request)))
         except ApiError as e:
             return error_response(e)
 
-    @app.get("/health")
+    @app.get("/health", responses=_responses(Health, {503: "unhealthy: the model worker stopped"}))
     async def health() -> Response:
         if not server.batcher.alive:
             error = ApiError(503, "unhealthy", "the model worker is not running")
             return error_response(error)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/info")
+    @app.get("/info", response_model=Info)
     async def info() -> dict[str, Any]:
         return server.info()
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus' text exposition format"}},
+    )
     async def metrics() -> Response:
         server.metrics.queue.set(server.batcher.queue_size())
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -464,14 +593,17 @@ def create_app(server: Server) -> FastAPI:
     async def page() -> str:
         return _page()
 
-    return app
-
 
 def build_server(settings: ServeSettings) -> Server:
     """Load the base model and every ``--adapter``; ``LoraKitError`` on any bad one."""
     if not settings.adapters and not settings.adapter_dir:
         raise LoraKitError("give at least one --adapter NAME=DIR (or --adapter_dir to load later)")
     names = [name for name, _ in settings.adapters]
+    for name, directory in settings.adapters:
+        if problem := name_problem(name):
+            raise LoraKitError(
+                f"--adapter {name}={directory}: not a name for an adapter: {problem}"
+            )
     if len(set(names)) != len(names):
         raise LoraKitError(f"adapter names must differ: {', '.join(names)}")
     if settings.default_adapter and settings.default_adapter not in names:
