@@ -26,6 +26,8 @@ LAYERS = {
         "dropout",
         "fused",
         "lora",
+        "ia3",
+        "wrapper",
         "mixed",
         "inject",
         "targets",

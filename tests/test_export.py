@@ -16,8 +16,8 @@ import lorakit.export
 from lorakit import LoraKitError
 from lorakit.cli import main
 from lorakit.inject import lora_layers
-from lorakit.lora import LinearWithLoRA
 from lorakit.models import load_adapted_model
+from lorakit.wrapper import LinearWithLoRA
 
 TEXTS = ["fine", "the movie was not good", "great film, really great", "bad"]
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from lorakit.adapter import load_adapter, save_adapter
     from lorakit.errors import LoraKitError
     from lorakit.inject import apply_ia3_to_model, apply_lora_to_model
-    from lorakit.lora import LinearWithLoRA, LoRALayer
+    from lorakit.lora import LoRALayer
     from lorakit.state import (
         count_lora_parameters,
         disable_adapter,
@@ -24,11 +24,12 @@ if TYPE_CHECKING:
         merge_lora_weights,
         unmerge_lora_weights,
     )
+    from lorakit.wrapper import LinearWithLoRA
 
 __version__ = "0.1.0"
 
 _API = {
-    "LinearWithLoRA": "lorakit.lora",
+    "LinearWithLoRA": "lorakit.wrapper",
     "LoRALayer": "lorakit.lora",
     "LoraKitError": "lorakit.errors",
     "apply_ia3_to_model": "lorakit.inject",

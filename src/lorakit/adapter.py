@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +37,6 @@ from lorakit.inject import (
     matches_target,
     set_submodule,
 )
-from lorakit.lora import DEFAULT_ADAPTER, IA3Layer, LinearWithLoRA, LoRALayer
 from lorakit.state import (
     find_modules,
     get_lora_state_dict,
@@ -46,6 +44,7 @@ from lorakit.state import (
     mark_only_lora_as_trainable,
     trainable_layout,
 )
+from lorakit.wrapper import DEFAULT_ADAPTER, KINDS, LinearWithLoRA
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -62,56 +61,23 @@ def _spec(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(names)
 
 
-def _patterned(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The most common value, and the layers that differ from it (PEFT's ``*_pattern``)."""
-    common = Counter(values.values()).most_common(1)[0][0]
-    return common, {name: v for name, v in values.items() if v != common}
-
-
 def _peft_config(model: nn.Module, bias: str) -> dict[str, Any]:
-    """PEFT's config for the model's active adapter layers (LoRA or IA³, not both)."""
+    """PEFT's config for the model's active adapter layers (one kind: LoRA or IA³)."""
     layers = [(name, layer.lora) for name, layer in lora_layers(model)]
     if not layers:
         raise LoraKitError("the model has no LoRA layers to save")
     kinds = {type(a) for _, a in layers}
     if len(kinds) > 1:
         raise LoraKitError("the model mixes LoRA and IA³ layers; an adapter holds one kind")
-    fan_in_fan_out = next(layer for _, layer in lora_layers(model)).fan_in_fan_out
+    kind = kinds.pop()
     names = [name for name, _ in layers]
-    if kinds == {IA3Layer}:
-        if bias != "none":
-            raise LoraKitError("an IA³ adapter cannot hold trained biases (PEFT's IA3 has no bias)")
-        # Full names: PEFT wants feedforward_modules to be a subset of target_modules.
-        ff = sorted(name for name, a in layers if isinstance(a, IA3Layer) and a.feedforward)
-        return {
-            "peft_type": "IA3",
-            "target_modules": sorted(names),
-            "feedforward_modules": ff,
-            "init_ia3_weights": True,
-            "fan_in_fan_out": fan_in_fan_out,
-        }
-    loras = [(name, a) for name, a in layers if isinstance(a, LoRALayer)]
-    flavours = {(a.use_rslora, a.use_dora) for _, a in loras}
-    if len(flavours) > 1:
-        raise LoraKitError("the model's LoRA layers mix rsLoRA/DoRA and plain LoRA")
-    use_rslora, use_dora = flavours.pop()
-    r, rank_pattern = _patterned({name: a.rank for name, a in loras})
-    alpha, alpha_pattern = _patterned({name: a.alpha for name, a in loras})
-    dropout = loras[0][1].dropout
-    return {
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": alpha,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-        "target_modules": _spec(model, names),
-        "bias": bias,
-        "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True,
-        "use_rslora": use_rslora,
-        "use_dora": use_dora,
-    }
+    try:
+        config = kind.peft_config(layers, bias)
+    except ValueError as e:
+        raise LoraKitError(str(e)) from None
+    config["target_modules"] = sorted(names) if kind.full_target_names else _spec(model, names)
+    config["fan_in_fan_out"] = next(layer for _, layer in lora_layers(model)).fan_in_fan_out
+    return config
 
 
 def save_adapter(
@@ -298,8 +264,7 @@ def attach(
     Returns:
         The wrappers of the planned layers.
     """
-    use_rslora, use_dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
-    dropout = float(config.get("lora_dropout", 0.0))
+    kind = KINDS[config["peft_type"]]
     wrappers = []
     for p in plan:
         module = model.get_submodule(p.name)
@@ -308,20 +273,7 @@ def attach(
         else:
             module = LinearWithLoRA(module, None)
             set_submodule(model, p.name, module)
-        old = module.adapter(adapter_name) if adapter_name in module.adapters else None
-        layer: LoRALayer | IA3Layer
-        if p.kind == "ia3":
-            same = isinstance(old, IA3Layer) and old.feedforward == p.feedforward
-            layer = old if same else module.add_ia3(adapter_name, p.feedforward)  # type: ignore[assignment]
-        elif isinstance(old, LoRALayer) and (old.rank, old.use_rslora, old.use_dora) == (
-            p.rank,
-            use_rslora,
-            use_dora,
-        ):
-            layer = old
-            layer.set_alpha(p.alpha)
-        else:
-            layer = module.add_adapter(adapter_name, p.rank, p.alpha, dropout, use_rslora, use_dora)
+        layer = kind.attach(module, adapter_name, p, config)
         module.active_adapter = adapter_name
         with torch.no_grad():
             for suffix, tensor in layer.peft_tensors().items():

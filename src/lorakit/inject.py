@@ -9,8 +9,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LoraKitError
-from lorakit.lora import DEFAULT_ADAPTER, LinearWithLoRA
 from lorakit.targets import AUTO, FAMILIES, attention_targets, auto_targets, family_names
+from lorakit.wrapper import DEFAULT_ADAPTER, LinearWithLoRA
 
 # Task heads, trained in full and saved with the adapter (RoBERTa's is `classifier` too).
 HEAD_NAMES = ("classifier", "score", "pre_classifier")

@@ -1,48 +1,67 @@
-"""The adapter math: LoRA (with rsLoRA and DoRA), IA³, and the wrapper that adds them to a layer.
+"""LoRA's math (with rsLoRA and DoRA): one adapter kind behind the adapter protocol.
 
     LoRA    y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ      A: (rank, in), B: (out, rank), s = alpha/rank
     rsLoRA  the same with s = alpha / sqrt(rank)
     DoRA    y = x Wᵀ + b + (m/‖W + sBA‖ − 1) · x Wᵀ + (m/‖W + sBA‖) · s · x Aᵀ Bᵀ
             m: (out,) starts at the row norms ‖W‖, so the output starts unchanged; the norm
             (per output row) is a constant for backward, as in the DoRA paper and PEFT
-    IA³     y = (x Wᵀ + b) · l  on key/value (l: (out, 1)),  y = (x · l) Wᵀ + b  on the
-            feed-forward output layer (l: (1, in)); l starts at ones
 
 A starts kaiming-uniform and B at zero, so a freshly wrapped layer computes exactly what the
-base layer did. The adapters of a layer live in a ``ModuleDict`` keyed by adapter name, so one
-base layer can carry several; one of them (or none) is active at a time, or, in a mixed batch,
-each adapter owns some rows (``lorakit.mixed``).
+base layer did.
 
-Every adapter kind answers the same few calls, and the wrapper knows no kind by name:
-``output(layer, x)`` (the layer's output with the adapter), ``scale_input(x)`` and
-``add_to_rows(layer, x, part)`` (its share of a mixed batch), ``merged(w, b)`` (the weight and
-bias with it folded in), ``peft_tensors()`` (its tensors under PEFT's names) and ``stackable``
-(plain LoRA, which mixed batches may gather). ``KINDS`` lists them by PEFT type; a new kind is
-one class here (or a module beside it) and one line there. The frozen weight is always read as
-``layer.weight()``, so any ``base_layer`` with a ``weight`` works under them.
+Every adapter kind (this one, IA³ in ``lorakit.ia3``) answers the same few calls, and the
+wrapper (``lorakit.wrapper.LinearWithLoRA``) knows no kind by name: ``attach`` (put one on a
+layer from an adapter file's config), ``output(layer, x)`` (the layer's output with it),
+``scale_input(x)`` and ``add_to_rows(layer, x, part)`` (its share of a mixed batch,
+``lorakit.mixed``), ``merged(w, b)`` (weight and bias with it folded in), ``peft_tensors()``
+and ``peft_config(layers, bias)`` (PEFT's names and config keys) and ``stackable`` (plain LoRA,
+which mixed batches may gather). The frozen weight is always read as ``layer.weight()``, so
+any ``base_layer`` with a ``weight`` works under them. A new kind is one module like this and
+one line in ``lorakit.wrapper.KINDS``.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lorakit.fused import lora_linear
 
-DEFAULT_ADAPTER = "default"
+
+class Host(Protocol):
+    """The wrapped layer as an adapter sees it (``lorakit.wrapper.LinearWithLoRA``)."""
+
+    base_layer: Any  # nn.Linear or Conv1D: ``weight``, ``bias``, callable
+    adapters: nn.ModuleDict
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+
+    def weight(self) -> torch.Tensor: ...
+
+    def register(self, name: str, adapter: nn.Module) -> None: ...
 
 
-class RowRouter(Protocol):
-    """What a layer asks in a mixed batch (``lorakit.mixed.Router``): whose rows are whose."""
+class LayerSpec(Protocol):
+    """What an adapter file says of one layer (``lorakit.adapter.LayerPlan``)."""
 
-    routes: Any  # None outside a mixed batch
+    @property
+    def rank(self) -> int: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def feedforward(self) -> bool: ...
 
-    def forward(self, layer: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor: ...
+
+def _patterned(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value, and the layers that differ from it (PEFT's ``*_pattern``)."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {name: v for name, v in values.items() if v != common}
 
 
 class LoRALayer(nn.Module):
@@ -118,12 +137,73 @@ class LoRALayer(nn.Module):
     # -- the adapter protocol ----------------------------------------------------------------
 
     kind = "LORA"
+    full_target_names = False  # target_modules may be shortened to leaf names
 
     @property
     def stackable(self) -> bool:
         return not self.use_dora
 
-    def output(self, layer: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def attach(cls, layer: Host, name: str, spec: LayerSpec, config: dict[str, Any]) -> LoRALayer:
+        """Put this kind under ``name`` on ``layer`` (reusing one of the same shape and flavour,
+        whose tensors an optimizer may hold), as ``spec`` and the adapter config say."""
+        rslora, dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
+        old = layer.adapters[name] if name in layer.adapters else None  # noqa: SIM401 - a ModuleDict
+        if isinstance(old, cls) and (old.rank, old.use_rslora, old.use_dora) == (
+            spec.rank,
+            rslora,
+            dora,
+        ):
+            old.set_alpha(spec.alpha)
+            return old
+        dropout = float(config.get("lora_dropout", 0.0))
+        return cls.add_to(layer, name, spec.rank, spec.alpha, dropout, rslora, dora)
+
+    @classmethod
+    def add_to(
+        cls,
+        layer: Host,
+        name: str,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> LoRALayer:
+        """A new (zero-update) adapter of this kind under ``name`` on ``layer``, made active."""
+        if use_dora and layer.fan_in_fan_out:
+            raise TypeError("DoRA on GPT-2's Conv1D layers is not implemented in lorakit")
+        new = cls(layer.in_features, layer.out_features, rank, alpha, dropout, use_rslora, use_dora)
+        if use_dora:
+            new.init_magnitude(layer.weight())
+        layer.register(name, new)
+        return new
+
+    @staticmethod
+    def peft_config(layers: list[tuple[str, Any]], bias: str) -> dict[str, Any]:
+        """PEFT's LoRA config keys for these layers (target_modules aside)."""
+        loras = [(n, a) for n, a in layers if isinstance(a, LoRALayer)]
+        flavours = {(a.use_rslora, a.use_dora) for _, a in loras}
+        if len(flavours) > 1:
+            raise ValueError("the model's LoRA layers mix rsLoRA/DoRA and plain LoRA")
+        use_rslora, use_dora = flavours.pop()
+        r, rank_pattern = _patterned({n: a.rank for n, a in loras})
+        alpha, alpha_pattern = _patterned({n: a.alpha for n, a in loras})
+        dropout = loras[0][1].dropout
+        return {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+            "bias": bias,
+            "init_lora_weights": True,
+            "use_rslora": use_rslora,
+            "use_dora": use_dora,
+        }
+
+    def output(self, layer: Host, x: torch.Tensor) -> torch.Tensor:
         """``layer``'s output with this adapter: one fused autograd node where it can run."""
         base = layer.base_layer
         if not self.use_dora and _fusable(self, base.weight, x):
@@ -141,7 +221,7 @@ class LoRALayer(nn.Module):
     def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
         return None  # LoRA adds to the output; the shared matmul sees the input as it is
 
-    def add_to_rows(self, layer: LinearWithLoRA, x: torch.Tensor, part: torch.Tensor) -> None:
+    def add_to_rows(self, layer: Host, x: torch.Tensor, part: torch.Tensor) -> None:
         """Add this adapter's update to ``part`` (its rows of the shared output, a view)."""
         if self.use_dora:
             part += self.dora_delta(layer, x, part)
@@ -156,7 +236,7 @@ class LoRALayer(nn.Module):
             h.reshape(-1, h.shape[-1]), self.lora_B.T, alpha=self.scaling
         )
 
-    def dora_delta(self, layer: LinearWithLoRA, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def dora_delta(self, layer: Host, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to ``out`` (= the base layer's output for ``x``, bias included)."""
         weight = layer.weight()
         scale = self.dora_scale(weight)  # (out,)
@@ -186,216 +266,9 @@ class LoRALayer(nn.Module):
         return out
 
 
-class IA3Layer(nn.Module):
-    """IA³'s learned vector: scales the layer's output, or (feed-forward) its input."""
-
-    def __init__(self, in_features: int, out_features: int, feedforward: bool) -> None:
-        super().__init__()
-        self.feedforward = feedforward
-        shape = (1, in_features) if feedforward else (out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape))
-
-    def vector(self) -> torch.Tensor:
-        """(in,) for a feed-forward layer, else (out,)."""
-        return self.ia3_l.flatten()
-
-    # -- the adapter protocol ----------------------------------------------------------------
-
-    kind = "IA3"
-    stackable = False
-
-    def output(self, layer: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor:
-        if self.feedforward:
-            return layer.base_layer(x * self.vector().to(x.dtype))
-        out = layer.base_layer(x)
-        return out * self.vector().to(out.dtype)
-
-    def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
-        return x * self.vector().to(x.dtype) if self.feedforward else None
-
-    def add_to_rows(self, layer: LinearWithLoRA, x: torch.Tensor, part: torch.Tensor) -> None:
-        if not self.feedforward:  # a feed-forward vector already scaled the rows' input
-            part *= self.vector().to(part.dtype)
-
-    def merged(
-        self, w: torch.Tensor, bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight's columns (feed-forward) or rows and bias scaled by the vector."""
-        v = self.vector().float()
-        if self.feedforward:
-            return (w.float() * v[None, :]).to(w.dtype), bias
-        scaled_bias = None if bias is None else (bias.float() * v).to(bias.dtype)
-        return (w.float() * v[:, None]).to(w.dtype), scaled_bias
-
-    def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {"ia3_l": self.ia3_l}
-
-
-Adapter = LoRALayer | IA3Layer
-# PEFT type -> the adapter class that implements it (AdaLoRA joins here).
-KINDS: dict[str, type[Adapter]] = {LoRALayer.kind: LoRALayer, IA3Layer.kind: IA3Layer}
-
-
 def _fusable(lora: LoRALayer, weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether ``lora_linear`` (one autograd node, see lorakit.fused) can run this call: one
     dtype throughout and no autocast (which would choose dtypes per matmul)."""
     return x.dtype == lora.lora_A.dtype == weight.dtype and not torch.is_autocast_enabled(
         x.device.type
     )
-
-
-class LinearWithLoRA(nn.Module):
-    """``base_layer(x)`` plus the active adapter, around an ``nn.Linear`` or GPT-2 ``Conv1D``.
-
-    The base layer is kept by reference (its weight is not copied) under ``base_layer``, as
-    in PEFT. Merging folds the active adapter into the base weight; a merged layer skips the
-    adapter branch. ``rank=None`` wraps without adding an adapter.
-    """
-
-    def __init__(
-        self,
-        linear: nn.Module,
-        rank: int | None,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
-        adapter_name: str = DEFAULT_ADAPTER,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-    ) -> None:
-        super().__init__()
-        if not isinstance(linear, (nn.Linear, Conv1D)):
-            raise TypeError(
-                f"LinearWithLoRA wraps nn.Linear or Conv1D, not {type(linear).__name__}"
-            )
-        self.base_layer = linear
-        # Conv1D stores its weight as (in, out); nn.Linear as (out, in).
-        self.fan_in_fan_out = isinstance(linear, Conv1D)
-        w = linear.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        )
-        self.adapters = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.merged_adapter: str | None = None
-        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.disabled = False
-        self.router: RowRouter | None = None  # set for mixed-adapter batches (lorakit.multi)
-        if rank is not None:
-            self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, use_dora)
-        self._freeze_linear()
-
-    # -- adapters ---------------------------------------------------------------------------
-
-    def weight(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever the layer's own layout (a view)."""
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
-    def _register(self, name: str, layer: Adapter) -> None:
-        layer.to(self.base_layer.weight.device)
-        self.adapters[name] = layer
-        if self.merged_adapter is None:
-            self.active_adapter = name
-
-    def add_adapter(
-        self,
-        name: str,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-    ) -> LoRALayer:
-        """Add a (zero-update) LoRA adapter under ``name`` and make it active."""
-        if use_dora and self.fan_in_fan_out:
-            raise TypeError("DoRA on GPT-2's Conv1D layers is not implemented in lorakit")
-        layer = LoRALayer(
-            self.in_features, self.out_features, rank, alpha, dropout, use_rslora, use_dora
-        )
-        if use_dora:
-            layer.init_magnitude(self.weight())
-        self._register(name, layer)
-        return layer
-
-    def add_ia3(self, name: str, feedforward: bool) -> IA3Layer:
-        """Add an IA³ adapter (vector of ones) under ``name`` and make it active."""
-        layer = IA3Layer(self.in_features, self.out_features, feedforward)
-        self._register(name, layer)
-        return layer
-
-    def adapter(self, name: str) -> Adapter:
-        """The adapter called ``name``."""
-        layer = self.adapters[name]
-        assert isinstance(layer, (LoRALayer, IA3Layer))
-        return layer
-
-    @property
-    def lora(self) -> Adapter:
-        """The active adapter."""
-        if self.active_adapter is None:
-            raise RuntimeError("no active adapter")
-        return self.adapter(self.active_adapter)
-
-    @property
-    def merged(self) -> bool:
-        return self.merged_adapter is not None
-
-    def _freeze_linear(self) -> None:
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
-
-    # -- forward ----------------------------------------------------------------------------
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.router is not None and self.router.routes is not None:
-            return self.router.forward(self, x)
-        if self.disabled or self.merged or self.active_adapter is None:
-            return self.base_layer(x)
-        return self.lora.output(self, x)
-
-    # -- merging ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def merge_weights(self) -> None:
-        """Fold the active adapter into the base weight (fp32 math, cast back). Idempotent.
-
-        The original weight (and bias) is kept aside and unmerging puts it back bit for bit, in
-        every dtype: subtracting ``sBA`` again would round differently from the addition
-        (by an ulp in bf16), and a model merged and unmerged many times (``disable_adapter``)
-        would drift. The cost is one copy of each merged layer's weight while merged.
-        """
-        if self.merged or self.active_adapter is None:
-            return
-        w, bias = self.weight(), self.base_layer.bias
-        self._unmerged = (w.detach().clone(), None if bias is None else bias.detach().clone())
-        new_w, new_bias = self.lora.merged(w, bias)
-        w.copy_(new_w)
-        if bias is not None and new_bias is not None:
-            bias.copy_(new_bias)
-        self.merged_adapter = self.active_adapter
-
-    @torch.no_grad()
-    def unmerge_weights(self) -> None:
-        """Take the merged adapter back out of the base weight. Idempotent."""
-        if self.merged_adapter is None or self._unmerged is None:
-            return
-        weight, bias = self._unmerged
-        self.weight().copy_(weight)
-        if bias is not None and self.base_layer.bias is not None:
-            self.base_layer.bias.copy_(bias)
-        self._unmerged = None
-        self.merged_adapter = None
-
-    def remove_adapter(self, name: str) -> None:
-        """Drop the adapter ``name`` (unmerged first); another one, if any, becomes active."""
-        if self.merged_adapter == name:
-            self.unmerge_weights()
-        del self.adapters[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.adapters), None)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in={self.in_features}, out={self.out_features}, "
-            f"active={self.active_adapter!r}, merged={self.merged}"
-        )

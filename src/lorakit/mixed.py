@@ -17,7 +17,8 @@ import weakref
 
 import torch
 
-from lorakit.lora import LinearWithLoRA, LoRALayer
+from lorakit.lora import LoRALayer
+from lorakit.wrapper import LinearWithLoRA
 
 Routes = list[tuple[str, slice]]  # adapter name -> the batch rows it owns, grouped
 # A layer's plain-LoRA adapters: name -> position, A as (K+1, r, in) and s·B as (K+1, out, r),
