@@ -1,38 +1,81 @@
-"""Batch assembly: the oldest row first, neighbours in length, little padding, a token budget."""
+"""The server's batch path: rows padded straight into the model's tensors, tokenizing on a
+thread of its own, never on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+from tiny_adapter import make_adapter, make_base
 
-from lorakit.batcher import Batcher, Row
+from lorakit.batcher import Row, pad_rows
+from lorakit.data import Encoded, collate
 
 
-def _rows(lengths: list[int]) -> list[Row]:
+def _row(ids: list[int], types: list[int] | None) -> Row:
     loop = asyncio.new_event_loop()
-    return [Row("a", np.ones(n, dtype=np.int64), None, loop.create_future(), loop) for n in lengths]
+    try:
+        future = loop.create_future()
+    finally:
+        loop.close()
+    t = None if types is None else np.asarray(types, dtype=np.int64)
+    return Row("a", np.asarray(ids, dtype=np.int64), t, future, loop)
 
 
-def _batcher(budget: int = 16384) -> Batcher:
-    return Batcher(adapters=None, max_batch_tokens=budget)  # type: ignore[arg-type]
+def test_pad_rows_equals_the_training_collate() -> None:
+    rows = [_row([2, 7, 3], [0, 0, 0]), _row([2, 9, 8, 5, 3], None), _row([2, 3], [0, 1])]
+    got = pad_rows(rows, pad_id=0)
+    data = Encoded(
+        input_ids=[r.input_ids for r in rows],
+        token_type_ids=[
+            r.token_type_ids if r.token_type_ids is not None else np.zeros_like(r.input_ids)
+            for r in rows
+        ],
+        labels=np.zeros(3, dtype=np.int64),
+        lengths=np.asarray([len(r.input_ids) for r in rows]),
+        pad_id=0,
+        truncated=np.zeros(3, dtype=bool),
+    )
+    want = collate(data, np.arange(3))
+    del want["labels"]
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert "token_type_ids" not in pad_rows(rows[1:2], pad_id=0)
 
 
-def test_short_rows_do_not_pad_to_a_long_one() -> None:
-    batcher = _batcher()
-    rows = _rows([10, 100, 11, 12, 98, 9])
-    batcher.pending = list(rows)
-    first = batcher._take()
-    assert sorted(len(r.input_ids) for r in first) == [9, 10, 11, 12]
-    second = batcher._take()
-    assert sorted(len(r.input_ids) for r in second) == [98, 100]
-    assert not batcher.pending
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from lorakit.serve import ServeSettings, build_server
+
+    root: Path = tmp_path_factory.mktemp("batcher")
+    base = make_base(root / "base")
+    adapter = make_adapter(root / "sst2", base)
+    return build_server(
+        ServeSettings(model=str(base), adapters=[("sst2", str(adapter))], precision="fp32")
+    )
 
 
-def test_the_token_budget_bounds_a_batch_and_the_oldest_goes_first() -> None:
-    batcher = _batcher(budget=40)
-    rows = _rows([10] * 9)
-    batcher.pending = list(rows)
-    batch = batcher._take()
-    assert len(batch) == 4 and batch[0] is rows[0]
-    assert len(batcher.pending) == 5
+def test_tokenizing_runs_off_the_event_loop(server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    seen: list[str] = []
+    encode = server.encode
+
+    def watch(*args: object) -> object:
+        seen.append(threading.current_thread().name)
+        return encode(*args)
+
+    monkeypatch.setattr(server, "encode", watch)
+    adapter = server.adapter("sst2")
+
+    async def go() -> list:
+        loop_thread = threading.current_thread().name
+        out = await server.tokenize(adapter, [("the movie was good",)], None, "right")
+        assert seen and seen[0] != loop_thread
+        return out
+
+    [(ids, _)] = asyncio.run(go())
+    assert seen == ["lorakit-tokenize_0"] and ids.dtype == np.int64 and len(ids) > 2

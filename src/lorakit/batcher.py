@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from lorakit.data import Encoded, collate
 from lorakit.multi import AdapterSet
 from lorakit.runtime import release_free_memory, thread_governor
 
@@ -141,26 +141,7 @@ class Batcher:
     def _run(self, batch: list[Row]) -> None:
         start = time.perf_counter()
         try:
-            data = Encoded(
-                input_ids=[r.input_ids for r in batch],
-                token_type_ids=(
-                    [
-                        r.token_type_ids
-                        if r.token_type_ids is not None
-                        else np.zeros_like(r.input_ids)
-                        for r in batch
-                    ]
-                    if any(r.token_type_ids is not None for r in batch)
-                    else None
-                ),
-                labels=np.zeros(len(batch), dtype=np.int64),
-                lengths=np.asarray([len(r.input_ids) for r in batch]),
-                pad_id=int(self.adapters.tokenizer.pad_token_id or 0),
-                truncated=np.zeros(len(batch), dtype=bool),
-            )
-            tensors = collate(data, np.arange(len(batch)))
-            del tensors["labels"]
-            inputs = {k: v.numpy() for k, v in tensors.items()}
+            inputs = pad_rows(batch, int(self.adapters.tokenizer.pad_token_id or 0))
             logits = self.adapters.logits(inputs, [r.adapter for r in batch])
         except Exception as e:  # noqa: BLE001 - a model error fails this batch, not the server
             logger.exception("batch of %d rows failed", len(batch))
@@ -170,5 +151,25 @@ class Batcher:
         for row, out in zip(batch, logits, strict=True):
             row.resolve(out)
         if self.on_batch is not None:
-            width = int(data.lengths.max())
-            self.on_batch(len(batch), width * len(batch), time.perf_counter() - start)
+            rows, width = inputs["input_ids"].shape
+            self.on_batch(rows, rows * width, time.perf_counter() - start)
+
+
+def pad_rows(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """The model's inputs for ``rows``, padded on the right to the longest: input_ids,
+    attention_mask, and token_type_ids when any row has them (zeros for those without)."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    with_types = any(r.token_type_ids is not None for r in rows)
+    types = torch.zeros((len(rows), width), dtype=torch.int64) if with_types else None
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.from_numpy(r.input_ids)
+        mask[i, :n] = 1
+        if types is not None and r.token_type_ids is not None:
+            types[i, :n] = torch.from_numpy(r.token_type_ids)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        inputs["token_type_ids"] = types
+    return inputs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,11 +199,14 @@ class AdapterSet:
 
     # -- scoring -------------------------------------------------------------------------
 
-    def logits(self, batch: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    def logits(
+        self, batch: Mapping[str, torch.Tensor | np.ndarray], names: list[str]
+    ) -> list[np.ndarray]:
         """Each row's logits (its adapter's labels only) for a padded batch of mixed adapters.
 
         Args:
-            batch: int64 (rows, seq) ``input_ids``, ``attention_mask`` (, ``token_type_ids``).
+            batch: int64 (rows, seq) ``input_ids``, ``attention_mask`` (, ``token_type_ids``),
+                torch tensors (the server's) or numpy arrays.
             names: the adapter of each row, in any order.
         """
         order = np.argsort(np.asarray(names), kind="stable")  # group rows by adapter
@@ -213,7 +217,8 @@ class AdapterSet:
             if i == len(order) or sorted_names[i] != sorted_names[start]:
                 routes.append((sorted_names[start], slice(start, i)))
                 start = i
-        inputs = {k: torch.from_numpy(v[order]).to(self.device) for k, v in batch.items()}
+        rows = torch.from_numpy(order)
+        inputs = {k: torch.as_tensor(v)[rows].to(self.device) for k, v in batch.items()}
         with self.lock, torch.inference_mode(), autocast(self.device, self.amp):
             self.router.routes = routes
             try:

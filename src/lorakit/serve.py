@@ -19,12 +19,14 @@ but its adapter set, so replicas behind a load balancer need nothing shared.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import json
 import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +158,10 @@ class Server:
         limit = getattr(adapters.model.config, "max_position_embeddings", None) or 512
         self.max_input_length = min(settings.max_input_length or limit, limit)
         self.metrics.adapters.set(len(adapters.adapters))
+        # Tokenizing runs on a thread of its own (infinity's pre-processing stage), never on
+        # the event loop, which keeps accepting and answering while long texts are cut up;
+        # one thread, as encode sets the shared tokenizer's truncation side per call.
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
 
     # -- shared steps -----------------------------------------------------------------------
 
@@ -211,6 +217,14 @@ class Server:
             for i, ids in enumerate(out["input_ids"])
         ]
 
+    async def tokenize(
+        self, adapter: ServedAdapter, rows: list[tuple[str, ...]], truncate: bool | None, side: str
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """``encode`` on the tokenizing thread."""
+        loop = asyncio.get_running_loop()
+        work = functools.partial(self.encode, adapter, rows, truncate, side)
+        return await loop.run_in_executor(self.tokenizing, work)
+
     async def classify(
         self, adapter: ServedAdapter, encoded: list[tuple[np.ndarray, np.ndarray | None]]
     ) -> list[np.ndarray]:
@@ -259,7 +273,7 @@ class Server:
                 413,
             )
         adapter = self.adapter(req.adapter)
-        encoded = self.encode(adapter, req.rows, req.truncate, req.truncation_direction)
+        encoded = await self.tokenize(adapter, req.rows, req.truncate, req.truncation_direction)
         logits = await self.classify(adapter, encoded)
         self.metrics.inputs.labels(adapter.name).inc(len(req.rows))
         function = "none" if req.raw_scores else "softmax"
@@ -275,7 +289,8 @@ class Server:
                 413,
             )
         adapter = self.adapter(name)
-        encoded = self.encode(adapter, req.rows, self.settings.auto_truncate or None, "right")
+        truncate = self.settings.auto_truncate or None
+        encoded = await self.tokenize(adapter, req.rows, truncate, "right")
         logits = await self.classify(adapter, encoded)
         self.metrics.inputs.labels(adapter.name).inc(len(req.rows))
         return [ranked(scores(row, req.function), adapter.labels, req.top_k) for row in logits]
@@ -479,6 +494,7 @@ def create_app(server: Server) -> FastAPI:
         server.batcher.start()
         yield
         await asyncio.to_thread(server.batcher.stop)
+        server.tokenizing.shutdown()
 
     app = FastAPI(
         title="lorakit serve",
