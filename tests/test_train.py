@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from lorakit.adapter import read_adapter_config
 from lorakit.cli import main
+from lorakit.config import Config, load_config
 from lorakit.train import OUTPUTS, Loop
 
 
@@ -476,3 +477,58 @@ def test_resume_maps_saved_tensors_to_the_cpu_first(
         torch.load(path, weights_only=True)
     assert main(["train", "--resume", "--output_dir", str(out)]) == 0
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def _config(env: dict[str, Path], out: Path, *extra: str) -> Config:
+    """The configuration ``lorakit train`` builds from ``_args``' flags, for ``train`` itself."""
+    import argparse
+
+    from lorakit.commands.flags import config_overrides
+    from lorakit.commands.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_config(None, config_overrides(parser.parse_args(_args(env, out, *extra)[1:])))
+
+
+def _b_norm(out: Path) -> float:
+    return sum(t.norm().item() for k, t in _final_tensors(out).items() if "lora_B" in k)
+
+
+def test_hooks_join_the_loop_without_editing_it(env: dict[str, Path], tmp_path: Path) -> None:
+    """Each kind of hook, attached through ``train(config, hooks=...)``: a loss term that
+    changes what trains, gradients seen after backward, one call per optimizer step, and
+    listeners that get every record metrics.jsonl holds."""
+    from lorakit.train import Hooks, train
+
+    def l2_on_b(model: torch.nn.Module, outputs: object) -> torch.Tensor:
+        return sum(p.pow(2).sum() for n, p in model.named_parameters() if "lora_B" in n)
+
+    grads: list[tuple[int, bool]] = []
+
+    def see_grads(model: torch.nn.Module, step: int) -> None:
+        lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+        b = [g for n, g in lora.items() if "lora_B" in n]
+        grads.append(
+            (len(lora), all(g is not None for g in lora.values()) and all(g.any() for g in b))
+        )
+
+    steps: list[int] = []
+    evals: list[tuple[dict, int]] = []
+    lines: list[tuple[dict, int]] = []
+    hooks = Hooks(
+        loss_terms=[l2_on_b],
+        after_backward=[see_grads],
+        after_step=[lambda model, step: steps.append(step)],
+        on_eval=[lambda record, step: evals.append((record, step))],
+        on_train_log=[lambda record, step: lines.append((record, step))],
+    )
+    plain, pulled = tmp_path / "plain", tmp_path / "pulled"
+    train(_config(env, plain))
+    summary = train(_config(env, pulled), hooks=hooks)
+    assert _b_norm(pulled) < 0.5 * _b_norm(plain)  # the L2 term pulled lora_B towards 0
+    assert steps == list(range(1, summary["global_steps"] + 1)) and len(steps) == 12
+    assert len(grads) == 12 and all(n > 0 and ok for n, ok in grads)
+    assert [r for r, _ in evals] == _records(pulled, "eval") and len(evals) == 2
+    assert [s for _, s in evals] == [r["step"] for r in _records(pulled, "eval")]
+    assert [r for r, _ in lines] == _records(pulled, "train")
