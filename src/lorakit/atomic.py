@@ -107,7 +107,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _finish_tree(root: Path) -> None:
+def finish_tree(root: Path) -> None:
     """Give every file and directory under ``root`` the umask's ordinary mode (libraries such
     as safetensors write theirs 0600), then fsync them, deepest first, ``root`` last."""
     umask = _umask()
@@ -120,6 +120,11 @@ def _finish_tree(root: Path) -> None:
                 _fsync(Path(path))
         os.chmod(folder, 0o777 & ~umask)
         _fsync(Path(folder))
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory, so that the renames in it reach the disk."""
+    _fsync(path)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -149,7 +154,7 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
     try:
         yield tmp
-        _finish_tree(tmp)  # mkdtemp's 0700 would outlive the rename
+        finish_tree(tmp)  # mkdtemp's 0700 would outlive the rename
         _crash_point("written")
         replace_dir(tmp, dst)
     except BaseException:

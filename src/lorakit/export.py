@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from lorakit.atomic import atomic_dir, recover, replace_dir
+from lorakit.atomic import atomic_dir, finish_tree, recover, replace_dir, sync_dir
 from lorakit.data import (
     DEFAULT_MAX_LENGTH,
     adapter_text_columns,
@@ -265,15 +265,7 @@ def export_onnx(
         int8, ``int8_max_abs_diff``, ``int8_labels_agree`` ("k/n" check sentences),
         ``int8_fp32_nodes`` and ``int8_logit_error`` (on the calibration rows).
     """
-    if quantize not in ("none", "int8"):
-        raise LoraKitError(f"--quantize must be none or int8, got {quantize!r}")
-    if keep_fp32 < 0:
-        raise LoraKitError(f"--int8_keep_fp32 must be >= 0, got {keep_fp32}")
-    if calibration is not None and not calibration.is_file():
-        raise LoraKitError(f"--calibration {calibration}: no such file")
-    if out.suffix != ".onnx":
-        raise LoraKitError(f"--out must end in .onnx, got {out}")
-    _check_out(out, overwrite, "file")
+    _check_export_args(out, overwrite, quantize, calibration, keep_fp32)
     model, tokenizer, config, inputs, reference = _load_merged(adapter_dir, model_name)
     recover(onnx_tokenizer_dir(out))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,27 +279,62 @@ def export_onnx(
         diff = _check_close("the ONNX graph", session.run(None, feed)[0], reference)
         result: dict[str, Any] = {"out": str(out), "max_abs_diff": diff}
         if quantize == "int8":
-            fp32_graph = graph.with_suffix(".fp32.onnx")
-            graph.replace(fp32_graph)
             feeds = _calibration_feeds(tokenizer, config, calibration, names)
-            result.update(quantize_int8(fp32_graph, graph, feeds, keep_fp32, on_node))
-            fp32_graph.unlink()
-            logits = read_onnx_session(graph).run(None, feed)[0]
-            if not np.isfinite(logits).all():
-                raise LoraKitError("the int8 graph gives non-finite logits; export without it")
-            agree = int((logits.argmax(-1) == reference.argmax(-1)).sum())
-            result["int8_max_abs_diff"] = float(np.abs(logits - reference).max())
-            result["int8_labels_agree"] = f"{agree}/{len(reference)}"
+            result.update(_int8(graph, feeds, feed, reference, keep_fp32, on_node))
         tokenizer.save_pretrained(str(onnx_tokenizer_dir(graph)))
         meta = {**_sidecar(model, config, adapter_dir), "quantization": quantize}
         if quantize == "int8":
             meta["int8_fp32_nodes"] = result["int8_fp32_nodes"]
         onnx_sidecar(graph).write_text(json.dumps(meta, indent=2))
-        # Graph last: a predictor never finds a new graph beside an old sidecar.
-        replace_dir(onnx_tokenizer_dir(graph), onnx_tokenizer_dir(out))
-        onnx_sidecar(graph).replace(onnx_sidecar(out))
-        graph.replace(out)
+        _install(graph, out)
     return result
+
+
+def _check_export_args(
+    out: Path, overwrite: bool, quantize: str, calibration: Path | None, keep_fp32: int
+) -> None:
+    if quantize not in ("none", "int8"):
+        raise LoraKitError(f"--quantize must be none or int8, got {quantize!r}")
+    if keep_fp32 < 0:
+        raise LoraKitError(f"--int8_keep_fp32 must be >= 0, got {keep_fp32}")
+    if calibration is not None and not calibration.is_file():
+        raise LoraKitError(f"--calibration {calibration}: no such file")
+    if out.suffix != ".onnx":
+        raise LoraKitError(f"--out must end in .onnx, got {out}")
+    _check_out(out, overwrite, "file")
+
+
+def _int8(
+    graph: Path,
+    feeds: list[dict[str, np.ndarray]],
+    feed: dict[str, np.ndarray],
+    reference: np.ndarray,
+    keep_fp32: int,
+    on_node: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """Quantize the checked fp32 ``graph`` in place; what ``export_onnx`` reports of it."""
+    fp32_graph = graph.with_suffix(".fp32.onnx")
+    graph.replace(fp32_graph)
+    result = quantize_int8(fp32_graph, graph, feeds, keep_fp32, on_node)
+    fp32_graph.unlink()
+    logits = read_onnx_session(graph).run(None, feed)[0]
+    if not np.isfinite(logits).all():
+        raise LoraKitError("the int8 graph gives non-finite logits; export without it")
+    agree = int((logits.argmax(-1) == reference.argmax(-1)).sum())
+    result["int8_max_abs_diff"] = float(np.abs(logits - reference).max())
+    result["int8_labels_agree"] = f"{agree}/{len(reference)}"
+    return result
+
+
+def _install(graph: Path, out: Path) -> None:
+    """Move the staged graph, its sidecar and tokenizer beside ``out``: fsynced, with the
+    umask's modes, the graph last (a predictor never finds a new graph beside an old
+    sidecar)."""
+    finish_tree(graph.parent)
+    replace_dir(onnx_tokenizer_dir(graph), onnx_tokenizer_dir(out))
+    onnx_sidecar(graph).replace(onnx_sidecar(out))
+    graph.replace(out)
+    sync_dir(out.parent)
 
 
 def _sidecar(model: nn.Module, config: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:

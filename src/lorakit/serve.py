@@ -521,12 +521,15 @@ def create_app(server: Server) -> FastAPI:
         body = {"error": str(e.detail), "error_type": error_type}
         return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
-    _routes(app, server)
+    _classify_routes(app, server)
+    _adapter_routes(app, server)
+    _status_routes(app, server)
     return app
 
 
-def _routes(app: FastAPI, server: Server) -> None:
-    """Every route, each documented with its body, its success and each error it answers."""
+def _classify_routes(app: FastAPI, server: Server) -> None:
+    """TEI's /predict and the Inference API's /models/{name}, documented with their bodies,
+    their success and each error they answer."""
     limit = server.settings.payload_limit
 
     async def body_of(request: Request) -> Any:
@@ -559,6 +562,14 @@ def _routes(app: FastAPI, server: Server) -> None:
             return error_response(e)
         return await server.run("models", name, lambda: server.hf_inference(name, body))
 
+
+def _adapter_routes(app: FastAPI, server: Server) -> None:
+    """vLLM's adapter calls: list, load (inside --adapter_dir only), unload."""
+    limit = server.settings.payload_limit
+
+    async def body_of(request: Request) -> Any:
+        return await _json(request, limit)
+
     @app.get("/v1/adapters", response_model=AdapterList)
     async def adapters() -> dict[str, Any]:
         return server.listing()
@@ -584,6 +595,10 @@ def _routes(app: FastAPI, server: Server) -> None:
             return JSONResponse(await server.unload(await body_of(request)))
         except ApiError as e:
             return error_response(e)
+
+
+def _status_routes(app: FastAPI, server: Server) -> None:
+    """TEI's /health, /info and /metrics, and the page at /."""
 
     @app.get("/health", responses=_responses(Health, {503: "unhealthy: the model worker stopped"}))
     async def health() -> Response:

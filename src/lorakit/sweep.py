@@ -172,6 +172,8 @@ class Sweep:
         overrides: dict[str, Any],
         out: Path,
     ) -> None:
+        self._stop_asked = False  # SIGTERM came during execute
+        self._current: subprocess.Popen[bytes] | None = None  # the running lorakit train
         for key in (*OWN_KEYS, *REFUSED_KEYS):
             if key in overrides:
                 raise LoraKitError(f"lorakit sweep sets {key} itself; do not pass it")
@@ -261,61 +263,67 @@ class Sweep:
         Ctrl-C (or SIGTERM) reaches the running ``lorakit train``, which checkpoints and
         exits; the sweep then stops and raises ``KeyboardInterrupt``.
         """
-        failed, current = 0, None
-        stop = {"asked": False}
-
-        def on_term(signum: int, frame: Any) -> None:
-            stop["asked"] = True
-            if current is not None and current.poll() is None:
-                current.send_signal(signal.SIGTERM)
-
-        previous = signal.signal(signal.SIGTERM, on_term)
+        failed = 0
+        self._stop_asked, self._current = False, None
+        previous = signal.signal(signal.SIGTERM, self._on_term)
         try:
             for run in self.runs:
-                if run.status == "done":
-                    continue
-                run.status, run.detail = "running", "starting"
-                self._refresh(show)
-                log_path = self.out / "logs" / f"{run.name}.log"
-                with open(log_path, "ab") as log:
-                    started = time.monotonic()
-                    try:
-                        current = subprocess.Popen(
-                            self.command(run),
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent,
-                        )
-                        while current.poll() is None:
-                            run.detail = self._progress(run, time.monotonic() - started)
-                            self._refresh(show)
-                            time.sleep(0.5)
-                    except KeyboardInterrupt:
-                        # A terminal's Ctrl-C reached train too (one process group): it
-                        # checkpoints and exits. A SIGINT sent to the sweep alone is passed on.
-                        if current is not None:
-                            try:
-                                current.wait(timeout=5)
-                            except subprocess.TimeoutExpired:
-                                current.send_signal(signal.SIGINT)
-                                current.wait()
-                        raise
-                code = current.returncode
-                if code in (130, -signal.SIGINT) or stop["asked"]:
-                    run.status, run.detail = "left", "interrupted"
-                    raise KeyboardInterrupt
-                summary = self._read_summary(run)
-                if code == 0 and summary is not None:
-                    run.status, run.summary, run.detail = "done", summary, ""
-                else:
-                    failed += 1
-                    run.status, run.detail = "failed", _last_line(log_path)
-                self.write_results()
-                self._refresh(show)
+                if run.status != "done":
+                    failed += not self._run_one(run, show)
         finally:
             signal.signal(signal.SIGTERM, previous)
         self.write_results()
         return failed
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self._stop_asked = True
+        if self._current is not None and self._current.poll() is None:
+            self._current.send_signal(signal.SIGTERM)
+
+    def _run_one(self, run: Run, show: Callable[[Sweep], None] | None) -> bool:
+        """Train ``run`` to its end; True when it finished with a summary."""
+        run.status, run.detail = "running", "starting"
+        self._refresh(show)
+        log_path = self.out / "logs" / f"{run.name}.log"
+        code = self._train(run, log_path, show)
+        if code in (130, -signal.SIGINT) or self._stop_asked:
+            run.status, run.detail = "left", "interrupted"
+            raise KeyboardInterrupt
+        summary = self._read_summary(run)
+        if code == 0 and summary is not None:
+            run.status, run.summary, run.detail = "done", summary, ""
+        else:
+            run.status, run.detail = "failed", _last_line(log_path)
+        self.write_results()
+        self._refresh(show)
+        return run.status == "done"
+
+    def _train(self, run: Run, log_path: Path, show: Callable[[Sweep], None] | None) -> int:
+        """``lorakit train`` for ``run`` in a process of its own; its exit code."""
+        with open(log_path, "ab") as log:
+            started = time.monotonic()
+            try:
+                self._current = current = subprocess.Popen(
+                    self.command(run),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
+                )
+                while current.poll() is None:
+                    run.detail = self._progress(run, time.monotonic() - started)
+                    self._refresh(show)
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                # A terminal's Ctrl-C reached train too (one process group): it checkpoints
+                # and exits. A SIGINT sent to the sweep alone is passed on.
+                if self._current is not None:
+                    try:
+                        self._current.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        self._current.send_signal(signal.SIGINT)
+                        self._current.wait()
+                raise
+        return current.returncode
 
     def _refresh(self, show: Callable[[Sweep], None] | None) -> None:
         if show is not None:

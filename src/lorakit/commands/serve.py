@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
+from lorakit.commands.flags import add_bool_flag
 from lorakit.errors import LoraKitError
 
 HELP = "serve many adapters over one base model: TEI's HTTP API, mixed-adapter batches"
@@ -17,8 +19,6 @@ Stop with Ctrl-C or SIGTERM: the server stops accepting, finishes what is in fli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorakit.commands.flags import add_bool_flag
-
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument(
@@ -39,6 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default_adapter", metavar="NAME", help="for requests that name none")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="autocast precision of the forward pass; auto = bf16 where the hardware runs it "
+        "fast, else fp32 (/info says which)",
+    )
+    _limit_flags(parser)
+
+
+def _limit_flags(parser: argparse.ArgumentParser) -> None:
+    """TEI's limits, with its names and defaults."""
     parser.add_argument(
         "--max_batch_tokens",
         type=int,
@@ -72,13 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--payload_limit", type=int, default=2_000_000, metavar="BYTES", help="largest request body"
     )
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="autocast precision of the forward pass; auto = bf16 where the hardware runs it "
-        "fast, else fp32 (/info says which)",
-    )
 
 
 def _adapter_args(values: list[str]) -> list[tuple[str, str]]:
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     # measurable speed here (docs/benchmarks-log.md, the long soak).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
     require_extra("serve", "lorakit serve")
-    from lorakit.runtime import pin_mmap_threshold, precision_name
+    from lorakit.runtime import pin_mmap_threshold
     from lorakit.serve import ServeSettings, build_server, run_server
 
     # Batches of ever-changing shapes would otherwise fragment the heap (with the two settings
@@ -139,7 +144,16 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     server = build_server(settings)
-    url = f"http://{args.host}:{args.port}"
+    _banner(server, args.host, args.port)
+    run_server(server, args.host, args.port)
+    return 0
+
+
+def _banner(server: Any, host: str, port: int) -> None:
+    """What is served where, and a first request to try."""
+    from lorakit.runtime import precision_name
+
+    url = f"http://{host}:{port}"
     print(
         f"🚀 lorakit serve: {server.adapters.model_name} with {len(server.adapters.adapters)} "
         f"adapter(s) at {url}, precision {precision_name(server.adapters.amp)}"
@@ -153,5 +167,3 @@ def run(args: argparse.Namespace) -> int:
         f"   curl {url}/predict -H 'Content-Type: application/json' "
         f'-d \'{{"inputs": "A gorgeous, witty film.", "adapter": "{example}"}}\''
     )
-    run_server(server, args.host, args.port)
-    return 0
