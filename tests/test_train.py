@@ -532,3 +532,28 @@ def test_hooks_join_the_loop_without_editing_it(env: dict[str, Path], tmp_path: 
     assert [r for r, _ in evals] == _records(pulled, "eval") and len(evals) == 2
     assert [s for _, s in evals] == [r["step"] for r in _records(pulled, "eval")]
     assert [r for r, _ in lines] == _records(pulled, "train")
+
+
+def test_a_checkpoint_with_other_optimizer_groups_is_a_clear_error(
+    env: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A checkpoint of a lorakit that kept every trainable tensor in one AdamW group."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        assert main(_args(env, out)) == 130
+    path = out / "checkpoint" / "optimizer.pt"
+    blob = torch.load(path, weights_only=True)
+    groups = blob["optimizer"]["param_groups"]
+    groups[0]["params"] += [p for g in groups[1:] for p in g["params"]]
+    blob["optimizer"]["param_groups"] = groups[:1]
+    torch.save(blob, path)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", "--output_dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 parameter group(s), this run has 2" in err
+    assert path.read_bytes() == before

@@ -139,6 +139,13 @@ def load_checkpoint(directory: Path, opt: Optimization) -> tuple[LoopState, dict
     # to the CPU first (a GPU run resumes on a machine without one); the optimizer moves its
     # state to its parameters' device, the RNG states are CPU tensors by nature.
     blob = torch.load(directory / TENSORS_NAME, weights_only=True, map_location="cpu")
+    saved_groups = len(blob["optimizer"]["param_groups"])
+    if saved_groups != len(opt.optimizer.param_groups):
+        raise LoraKitError(
+            f"{directory} holds an optimizer of {saved_groups} parameter group(s), this run has "
+            f"{len(opt.optimizer.param_groups)} (a lorakit before 2026-12-06 decayed biases and "
+            "norms with the rest): resume it with the lorakit that wrote it, or start over"
+        )
     opt.optimizer.load_state_dict(blob["optimizer"])
     opt.scheduler.load_state_dict(blob["scheduler"])
     if blob.get("scaler"):

@@ -205,10 +205,9 @@ class LoRALayer(nn.Module):
 
     def output(self, layer: Host, x: torch.Tensor) -> torch.Tensor:
         """``layer``'s output with this adapter: one fused autograd node where it can run."""
-        base = layer.base_layer
-        if not self.use_dora and _fusable(self, base.weight, x):
+        base, w = layer.base_layer, layer.weight()  # the frozen weight, through its one accessor
+        if not self.use_dora and _fusable(self, w, x):
             xd = self.dropout(x)
-            w = layer.weight()
             return lora_linear(
                 x, None if xd is x else xd, w, base.bias, self.lora_A, self.lora_B, self.scaling
             )
