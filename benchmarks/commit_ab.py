@@ -7,9 +7,12 @@ into a temporary worktree, and each round runs, in a fresh process per side and 
 order (base, head, then head, base), (1) ``--steps`` training steps of configs/sst2_minilm.yaml
 on the same length-grouped SST-2 batches (median step seconds after 3 warm-up steps) and (2)
 ``AdapterSet.logits`` over ``--rows`` validation sentences with 8 adapters round-robin (the
-mixed batch ``lorakit serve`` runs; median of ``--repeats``). Ratios are taken within a round
-(base time / head time: above 1 means head is faster) and reported as median (min-max) over
-rounds, with the machine, both commits and the date; ``--out`` keeps the record (JSON).
+mixed batch ``lorakit serve`` runs; median of ``--repeats``), and, with ``--http``, (3) a real
+``lorakit serve`` holding the same 8 adapters under ``--clients`` closed-loop clients for
+``--seconds`` (after 3 s of warm-up), requests round-robin over the adapters: requests/s.
+Ratios are taken within a round (base time / head time, for HTTP 1/requests/s: above 1 means
+head is faster) and reported as median (min-max) over rounds, with the machine, both commits
+and the date; ``--out`` keeps the record (JSON).
 """
 
 from __future__ import annotations
@@ -86,6 +89,30 @@ def measure(src: Path, kind: str, args: argparse.Namespace, adapters: Path) -> f
     return float(json.loads(lines[-1][7:]))
 
 
+def http_seconds(src: Path, kind: str, args: argparse.Namespace, adapters: Path) -> float:
+    """Seconds per request (1 / requests/s) of ``lorakit serve`` from ``src`` under load."""
+    import asyncio
+
+    from loadgen import closed_loop, running
+
+    dirs = sorted(adapters.iterdir())
+    command = [sys.executable, "-m", "lorakit", "serve", "--model", "minilm", "--host", "127.0.0.1"]
+    command += [a for d in dirs for a in ("--adapter", f"{d.name}={d}")]
+    lines = Path(args.data_dir, "sst2", "validation.tsv").read_text().splitlines()[1:]
+    texts = [line.split("\t")[0] for line in lines]
+
+    def body(i: int) -> dict:
+        return {"inputs": texts[i % len(texts)], "adapter": dirs[i % len(dirs)].name}
+
+    env = {**os.environ, "PYTHONPATH": str(src), "LORAKIT_THREADS": str(args.threads)}
+    with running(command, env) as proc:
+        load = asyncio.run(closed_loop(proc.url, body, args.clients, 3 + args.seconds, 30.0))
+    stats = load.stats(3, 3 + args.seconds)
+    if stats["failed"]:
+        sys.exit(f"lorakit serve from {src}: {stats['failed']} failed requests {stats['errors']}")
+    return 1.0 / stats["requests_per_sec"]
+
+
 def git(*argv: str) -> str:
     return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -99,6 +126,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=64, help="sentences in the served batch")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per process")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--http", action="store_true", help="also requests/s of lorakit serve")
+    p.add_argument("--clients", type=int, default=16, help="closed-loop clients (--http)")
+    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds (--http)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "commit_ab.json")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -118,10 +148,13 @@ def main() -> None:
             make_adapters(adapters, 8)
             sides = {"base": base / "src", "head": ROOT / "src"}
             ratios: dict[str, list[float]] = {"train": [], "serve": []}
+            if args.http:
+                ratios["http"] = []
             for r in range(args.rounds):
                 order = ["base", "head"] if r % 2 == 0 else ["head", "base"]
                 for kind in ratios:
-                    t = {side: measure(sides[side], kind, args, adapters) for side in order}
+                    run = http_seconds if kind == "http" else measure
+                    t = {side: run(sides[side], kind, args, adapters) for side in order}
                     ratios[kind].append(t["base"] / t["head"])
                     print(
                         f"round {r + 1} {kind}: base {t['base']:.4f} s, head {t['head']:.4f} s",
