@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per process")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--http", action="store_true", help="also requests/s of lorakit serve")
+    p.add_argument("--skip", default="", help="comma-separated measurements to leave out")
     p.add_argument("--clients", type=int, default=16, help="closed-loop clients (--http)")
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds (--http)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "commit_ab.json")
@@ -150,6 +151,8 @@ def main() -> None:
             ratios: dict[str, list[float]] = {"train": [], "serve": []}
             if args.http:
                 ratios["http"] = []
+            for kind in args.skip.split(","):
+                ratios.pop(kind, None)
             for r in range(args.rounds):
                 order = ["base", "head"] if r % 2 == 0 else ["head", "base"]
                 for kind in ratios:

@@ -60,7 +60,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     )
 
 
-def test_tokenizing_runs_off_the_event_loop(server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_large_requests_are_tokenized_off_the_event_loop(
+    server,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lorakit.serve import INLINE_CHARS
+
     seen: list[str] = []
     encode = server.encode
 
@@ -70,12 +75,14 @@ def test_tokenizing_runs_off_the_event_loop(server, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(server, "encode", watch)
     adapter = server.adapter("sst2")
+    short = [("the movie was good",)]
+    large = [("good " * (INLINE_CHARS // 10),)] * 4  # twice INLINE_CHARS in all
 
-    async def go() -> list:
-        loop_thread = threading.current_thread().name
-        out = await server.tokenize(adapter, [("the movie was good",)], None, "right")
-        assert seen and seen[0] != loop_thread
-        return out
+    async def go() -> tuple[list, list, str]:
+        small = await server.tokenize(adapter, short, None, "right")
+        big = await server.tokenize(adapter, large, True, "right")
+        return small, big, threading.current_thread().name
 
-    [(ids, _)] = asyncio.run(go())
-    assert seen == ["lorakit-tokenize_0"] and ids.dtype == np.int64 and len(ids) > 2
+    small, big, loop_thread = asyncio.run(go())
+    assert seen == [loop_thread, "lorakit-tokenize_0"]  # the sentence inline, the rest aside
+    assert small[0][0].dtype == np.int64 and len(small[0][0]) > 2 and len(big) == 4

@@ -73,6 +73,8 @@ from lorakit.protocol import (
 )
 from lorakit.runtime import precision_name
 
+INLINE_CHARS = 2048  # a request's characters tokenized on the event loop itself (Server.tokenize)
+
 
 @dataclass
 class ServeSettings:
@@ -158,8 +160,8 @@ class Server:
         limit = getattr(adapters.model.config, "max_position_embeddings", None) or 512
         self.max_input_length = min(settings.max_input_length or limit, limit)
         self.metrics.adapters.set(len(adapters.adapters))
-        # Tokenizing runs on a thread of its own (infinity's pre-processing stage), never on
-        # the event loop, which keeps accepting and answering while long texts are cut up;
+        # Large requests are tokenized on a thread of their own (infinity's pre-processing
+        # stage), so the event loop keeps accepting and answering while long texts are cut up;
         # one thread, as encode sets the shared tokenizer's truncation side per call.
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
 
@@ -220,7 +222,13 @@ class Server:
     async def tokenize(
         self, adapter: ServedAdapter, rows: list[tuple[str, ...]], truncate: bool | None, side: str
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """``encode`` on the tokenizing thread."""
+        """``encode``: inline for a request of at most ``INLINE_CHARS`` characters (a
+        sentence or a few, well under a millisecond), else on the tokenizing thread. The hop
+        to the thread and back cost 15% of requests/s with 16 clients of one sentence each on 2
+        cores (docs/benchmarks-log.md, the core refactor's A/B), where the loop saves nothing.
+        """
+        if sum(len(text) for row in rows for text in row) <= INLINE_CHARS:
+            return self.encode(adapter, rows, truncate, side)
         loop = asyncio.get_running_loop()
         work = functools.partial(self.encode, adapter, rows, truncate, side)
         return await loop.run_in_executor(self.tokenizing, work)
