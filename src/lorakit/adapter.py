@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -194,7 +194,7 @@ class LayerPlan:
     """One layer an adapter adapts: its kind and, for LoRA, its rank and alpha."""
 
     name: str
-    kind: Literal["lora", "ia3"]
+    kind: str  # the adapter kind's PEFT type: LORA, IA3
     rank: int = 0
     alpha: float = 0.0
     feedforward: bool = False  # IA³: scales the input
@@ -226,22 +226,19 @@ def lora_plan(
     Returns:
         One ``LayerPlan`` per layer the adapter adapts.
     """
+    kind = KINDS[config["peft_type"]]
     targets = find_target_modules(model, config["target_modules"])
     plan = []
     for name in targets:
         n_in, n_out = _in_out(model, name)
-        if config["peft_type"] == "IA3":
-            ff = matches_target(name, config.get("feedforward_modules") or [])
-            _expect(state, f"{name}.ia3_l", (1, n_in) if ff else (n_out, 1))
-            plan.append(LayerPlan(name, "ia3", feedforward=ff))
-            continue
-        r = int(pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
-        alpha = float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
-        _expect(state, f"{name}.lora_A.weight", (r, n_in))
-        _expect(state, f"{name}.lora_B.weight", (n_out, r))
-        if config.get("use_dora"):
-            _expect(state, f"{name}.lora_magnitude_vector", (n_out,))
-        plan.append(LayerPlan(name, "lora", r, alpha))
+        ff = matches_target(name, config.get("feedforward_modules") or [])
+        rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r") or 0))
+        default_alpha = config.get("lora_alpha") or 0.0
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, name, default_alpha))
+        spec = LayerPlan(name, kind.kind, rank, alpha, ff)
+        for suffix, shape in kind.tensor_shapes(spec, n_in, n_out, config).items():
+            _expect(state, f"{name}.{suffix}", shape)
+        plan.append(spec)
     target_set = set(targets)
     for key in state:
         layer = LAYER_TENSOR.match(key)

@@ -50,6 +50,13 @@ class IA3Layer(nn.Module):
         return new
 
     @staticmethod
+    def tensor_shapes(
+        spec: LayerSpec, n_in: int, n_out: int, config: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """The vector an adapter file must hold for one layer: (1, in) on a feed-forward layer."""
+        return {"ia3_l": (1, n_in) if spec.feedforward else (n_out, 1)}
+
+    @staticmethod
     def peft_config(layers: list[tuple[str, Any]], bias: str) -> dict[str, Any]:
         """PEFT's IA³ config keys for these layers (target_modules aside)."""
         if bias != "none":

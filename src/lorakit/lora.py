@@ -10,14 +10,15 @@ A starts kaiming-uniform and B at zero, so a freshly wrapped layer computes exac
 base layer did.
 
 Every adapter kind (this one, IA³ in ``lorakit.ia3``) answers the same few calls, and the
-wrapper (``lorakit.wrapper.LinearWithLoRA``) knows no kind by name: ``attach`` (put one on a
-layer from an adapter file's config), ``output(layer, x)`` (the layer's output with it),
-``scale_input(x)`` and ``add_to_rows(layer, x, part)`` (its share of a mixed batch,
-``lorakit.mixed``), ``merged(w, b)`` (weight and bias with it folded in), ``peft_tensors()``
-and ``peft_config(layers, bias)`` (PEFT's names and config keys) and ``stackable`` (plain LoRA,
+wrapper (``lorakit.wrapper.LinearWithLoRA``) knows no kind by name: ``tensor_shapes`` (what an
+adapter file must hold for a layer), ``attach`` (put one on a layer from a file's config),
+``output(layer, x)`` (the layer's output with it), ``scale_input(x)`` and
+``add_to_rows(layer, x, part)`` (its share of a mixed batch, ``lorakit.mixed``),
+``merged(w, b)`` (weight and bias with it folded in), ``peft_tensors()`` and
+``peft_config(layers, bias)`` (PEFT's names and config keys) and ``stackable`` (plain LoRA,
 which mixed batches may gather). The frozen weight is always read as ``layer.weight()``, so
-any ``base_layer`` with a ``weight`` works under them. A new kind is one module like this and
-one line in ``lorakit.wrapper.KINDS``.
+any ``base_layer`` with a ``weight`` works under them. A new kind is one module like this, one
+line in ``lorakit.wrapper.KINDS``, and its PEFT type accepted by ``lorakit.adapter_config``.
 """
 
 from __future__ import annotations
@@ -178,6 +179,19 @@ class LoRALayer(nn.Module):
             new.init_magnitude(layer.weight())
         layer.register(name, new)
         return new
+
+    @staticmethod
+    def tensor_shapes(
+        spec: LayerSpec, n_in: int, n_out: int, config: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """The tensors an adapter file must hold for one layer, by PEFT's key suffix."""
+        shapes: dict[str, tuple[int, ...]] = {
+            "lora_A.weight": (spec.rank, n_in),
+            "lora_B.weight": (n_out, spec.rank),
+        }
+        if config.get("use_dora"):
+            shapes["lora_magnitude_vector"] = (n_out,)
+        return shapes
 
     @staticmethod
     def peft_config(layers: list[tuple[str, Any]], bias: str) -> dict[str, Any]:

@@ -138,7 +138,7 @@ class AdapterSet:
                 text_columns=adapter_text_columns(config),
                 max_length=int(config.get("max_length") or DEFAULT_MAX_LENGTH),
                 task=config.get("task"),
-                ranks=tuple(sorted({p.rank for p in plan if p.kind == "lora"})),
+                ranks=tuple(sorted({p.rank for p in plan if p.kind == "LORA"})),
                 variant=_variant(config),
             )
             for wrapper in attach(self.model, plan, config, state, name):
