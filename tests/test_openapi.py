@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serve_helpers import serving
-from tiny_adapter import make_adapter, make_base, make_three_label_adapter
+from tiny_adapter import make_served_set
 
 from lorakit.protocol import SPACE
 
@@ -56,17 +56,7 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "403", "422"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The base model and adapters of tests/test_serve.py's ``env``."""
-    root = tmp_path_factory.mktemp("openapi")
-    base = make_base(root / "base")
-    library = root / "library"  # --adapter_dir: what runtime loads may read
-    return {
-        "root": root,
-        "base": base,
-        "library": library,
-        "sst2": make_adapter(library / "sst2", base),
-        "mrpc": make_adapter(library / "mrpc", base, task="mrpc", seed=5),
-        "grades": make_three_label_adapter(root / "grades", base),
-    }
+    return make_served_set(tmp_path_factory.mktemp("openapi"))
 
 
 @pytest.fixture(scope="module")

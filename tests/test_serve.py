@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from serve_helpers import free_port, server_command, serving
-from tiny_adapter import make_adapter, make_base, make_three_label_adapter
+from tiny_adapter import make_served_set
 
 from lorakit.predict import Predictor
 
@@ -26,17 +26,7 @@ PAYLOAD_LIMIT = 6000  # bytes, the test server's --payload_limit
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serve")
-    base = make_base(root / "base")
-    library = root / "library"  # --adapter_dir: what runtime loads may read
-    return {
-        "root": root,
-        "base": base,
-        "library": library,
-        "sst2": make_adapter(library / "sst2", base),
-        "mrpc": make_adapter(library / "mrpc", base, task="mrpc", seed=5),
-        "grades": make_three_label_adapter(root / "grades", base),
-    }
+    return make_served_set(tmp_path_factory.mktemp("serve"))
 
 
 def _args(env: dict[str, Path], *extra: str) -> list[str]:

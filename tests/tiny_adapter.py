@@ -80,3 +80,18 @@ def make_three_label_adapter(folder: Path, base: Path) -> Path:
     return save_adapter(
         model, folder, base_model_name_or_path=str(base), task="grades", extra={"max_length": 32}
     )
+
+
+def make_served_set(root: Path) -> dict[str, Path]:
+    """The base and adapters the server tests serve: sst2 and mrpc inside ``library`` (the
+    ``--adapter_dir`` runtime loads may read), a three-label adapter outside it."""
+    base = make_base(root / "base")
+    library = root / "library"
+    return {
+        "root": root,
+        "base": base,
+        "library": library,
+        "sst2": make_adapter(library / "sst2", base),
+        "mrpc": make_adapter(library / "mrpc", base, task="mrpc", seed=5),
+        "grades": make_three_label_adapter(root / "grades", base),
+    }
