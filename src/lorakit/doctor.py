@@ -84,6 +84,24 @@ def _embedded_model() -> Iterator[Check]:
         yield (path / "config.json").is_file(), "embedded model", f"minilm at {path}"
     except LoraKitError as e:
         yield False, "embedded model", str(e)
+    yield _packaged_model()
+
+
+def _packaged_model() -> Check:
+    """``--model mpnet``: optional, so never a failed check; says how to get it."""
+    from lorakit.errors import LoraKitError
+    from lorakit.packaged import MPNET, cache_root, find_pieces, unpacked_dir
+
+    name = f"{MPNET.name} (optional)"
+    try:
+        pieces = find_pieces(MPNET)
+    except LoraKitError:
+        return True, name, f"not installed: {MPNET.install_hint()}"
+    where = unpacked_dir(MPNET)
+    if where is not None:
+        return True, name, f"{MPNET.hub_id} at {where}"
+    size = sum(p.stat().st_size for p in pieces) / 2**20
+    return True, name, f"installed ({size:.0f} MB zip); unpacks on first use into {cache_root()}"
 
 
 def _tiny_step(device, dtype) -> Check:  # noqa: ANN001

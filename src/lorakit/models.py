@@ -16,11 +16,12 @@ from transformers import (
 
 from lorakit.errors import LoraKitError
 from lorakit.hub import hub_offline, hub_reachable, in_hub_cache
+from lorakit.packaged import SPLIT_MODELS, SplitModel, find_pieces, model_dir
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
-OFFLINE_CHOICES = "use --model minilm (built in) or a local model directory"
+OFFLINE_CHOICES = "use --model minilm (built in), --model mpnet, or a local model directory"
 
 
 def embedded_model_dir() -> Path:
@@ -36,6 +37,8 @@ def embedded_model_dir() -> Path:
 
 def canonical_name(name: str) -> str:
     """The name to record in adapters: the Hub id for built-in short names, so PEFT can load it."""
+    if name in SPLIT_MODELS:
+        return SPLIT_MODELS[name].hub_id
     return EMBEDDED.get(name, name)
 
 
@@ -43,6 +46,9 @@ def resolve_model(name: str) -> str:
     """A path or hub id that ``from_pretrained`` can load without waiting on a dead network."""
     if name in EMBEDDED or name == EMBEDDED["minilm"]:
         return str(embedded_model_dir())
+    split = _split_model(name)
+    if split is not None:
+        return str(model_dir(split))
     if Path(name).is_dir():
         return name
     if Path(name).exists() or name.startswith((".", "/")):
@@ -58,6 +64,21 @@ def resolve_model(name: str) -> str:
             f"model {name!r} is not cached and the Hub is unreachable; {OFFLINE_CHOICES}"
         )
     return name
+
+
+def _split_model(name: str) -> SplitModel | None:
+    """The packaged model ``name`` stands for: its short name always; its Hub id when its
+    pieces are installed and the Hub's cache has no copy of it."""
+    if name in SPLIT_MODELS:
+        return SPLIT_MODELS[name]
+    for split in SPLIT_MODELS.values():
+        if name == split.hub_id and not in_hub_cache(name, "config.json"):
+            try:
+                find_pieces(split)
+            except LoraKitError:
+                return None
+            return split
+    return None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

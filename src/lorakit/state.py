@@ -113,12 +113,17 @@ def trainable_layout(model: nn.Module) -> Layout:
 
 
 def count_lora_parameters(model: nn.Module) -> dict[str, float]:
-    """Total, trainable and frozen parameter counts, and the trainable percentage."""
+    """Total, trainable and frozen parameter counts, the trainable percentage, and how many
+    trainable weights are the adapter's own (the rest: task head, biases, modules to save)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and is_lora_param(n)
+    )
     return {
         "total": total,
         "trainable": trainable,
+        "adapter": adapter,
         "frozen": total - trainable,
         "percentage": 100.0 * trainable / total if total else 0.0,
     }
@@ -132,6 +137,11 @@ def format_parameter_stats(stats: dict[str, float], variant: str | None = None) 
             title,
             f"  Total parameters:      {int(stats['total']):>15,}",
             f"  Trainable parameters:  {int(stats['trainable']):>15,}",
+            *(
+                [f"    of which adapter:    {int(stats['adapter']):>15,}"]
+                if stats.get("adapter")
+                else []
+            ),
             f"  Frozen parameters:     {int(stats['frozen']):>15,}",
             f"  Trainable percentage:  {stats['percentage']:>15.4f}%",
         ]

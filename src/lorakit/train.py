@@ -381,6 +381,7 @@ def _summary(
         "train_step_seconds": round(state.train_seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": int(stats["trainable"]),
+        "adapter_params": int(stats["adapter"]),
         "total_params": int(stats["total"]),
         "num_epochs": config.training.num_epochs,
         "batch_size": config.training.batch_size,
