@@ -4,9 +4,11 @@
         --learning_rates 5e-4,1e-3,2e-3 --seeds 0 --max_train_samples 8000 --epochs 1 \
         --dev_split 2000 --eval_steps 125 --out benchmarks/results/peer_sweep.json
 
-The recipe is configs/sst2_minilm.yaml's (PEFT LoRA alpha=8 dropout 0 on query/key/value/dense,
-rank ``--rank``: 8 as in the searches, 32 as shipped since 2026-11-30; batch 32, warmup 0.06,
-weight decay 0, max length 128, length-grouped batches, fp32 unless bf16 is native), and the
+The recipe is ``--config``'s (default configs/sst2_minilm.yaml: PEFT LoRA alpha=8 dropout 0
+on query/key/value/dense; batch 32, warmup 0.06, weight decay 0, max length 128), with rank
+``--rank`` (8 as in the searches; the MiniLM config ships 32 since 2026-11-30), length-grouped
+batches, fp32 unless bf16 is native. The config's target names are spelled for its model as
+lorakit spells them (MPNet's ``query value`` are ``q v``; configs/sst2_mpnet.yaml). The
 data split is lorakit's: the same ``dev_split`` rows are held out of training
 (``lorakit.data.hold_out``), and each run's checkpoint is the evaluation with the best dev
 accuracy, as lorakit's ``best/``. Every learning rate and seed is one run; the JSON holds each
@@ -23,12 +25,48 @@ import statistics
 import time
 from pathlib import Path
 
-from train_throughput import ROOT, _rss_mb, cpu_name, peft_minilm
-
-RECIPE: dict = {"alpha": 8, "dropout": 0.0, "batch_size": 32, "warmup_ratio": 0.06}
+from train_throughput import ROOT, _rss_mb, cpu_name
 
 
-def datasets(data_dir: str, dev_split: float, max_train_samples: int, max_length: int) -> tuple:
+def recipe(path: Path) -> dict:
+    """The lorakit config's model and recipe, for the peer."""
+    from lorakit.config import load_config
+
+    config = load_config(path)
+    return {
+        "model": config.model_name,
+        "alpha": config.lora.alpha,
+        "dropout": config.lora.dropout,
+        "target_modules": config.lora.target_modules,
+        "batch_size": config.training.batch_size,
+        "warmup_ratio": config.training.warmup_ratio,
+        "weight_decay": config.training.weight_decay,
+    }
+
+
+def peft_model(recipe: dict, rank: int):  # noqa: ANN201
+    """The recipe's base model wrapped by PEFT's LoRA on the layers lorakit would wrap."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.inject import resolve_targets
+    from lorakit.models import load_model
+
+    model = load_model(recipe["model"], {0: "negative", 1: "positive"})
+    return get_peft_model(
+        model,
+        LoraConfig(
+            task_type="SEQ_CLS",
+            r=rank,
+            lora_alpha=recipe["alpha"],
+            lora_dropout=recipe["dropout"],
+            target_modules=resolve_targets(model, recipe["target_modules"]),
+        ),
+    )
+
+
+def datasets(
+    model: str, data_dir: str, dev_split: float, max_train_samples: int, max_length: int
+) -> tuple:
     from datasets import Dataset
 
     from lorakit.config import DataSettings
@@ -36,7 +74,7 @@ def datasets(data_dir: str, dev_split: float, max_train_samples: int, max_length
     from lorakit.models import load_tokenizer
 
     settings = DataSettings(subset="sst2", data_dir=data_dir)
-    tokenizer = load_tokenizer("minilm")
+    tokenizer = load_tokenizer(model)
     train, dev = hold_out(load_examples(settings, "train"), dev_split)
     train = train.head(max_train_samples)
 
@@ -61,7 +99,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
 
     tokenizer, train_ds, eval_sets = data
     torch.manual_seed(seed)
-    model = peft_minilm(args.rank, RECIPE["alpha"], RECIPE["dropout"])
+    model = peft_model(args.recipe, args.rank)
     bf16 = bf16_fast(torch.device("cpu"))
 
     def accuracy(pred) -> dict:  # noqa: ANN001
@@ -69,11 +107,11 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
 
     targs = TrainingArguments(
         output_dir=str(ROOT / "runs" / "bench" / "peer_sweep"),
-        per_device_train_batch_size=RECIPE["batch_size"],
+        per_device_train_batch_size=args.recipe["batch_size"],
         per_device_eval_batch_size=64,
         learning_rate=lr,
-        warmup_steps=RECIPE["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
-        weight_decay=0.0,
+        warmup_steps=args.recipe["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
+        weight_decay=args.recipe["weight_decay"],
         num_train_epochs=args.epochs,
         save_strategy="no",
         eval_strategy="steps" if args.eval_steps else "epoch",
@@ -108,6 +146,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
     evals = [by_step[k] for k in sorted(by_step)]
     best = max(evals, key=lambda e: (e["dev"], -e["step"]))  # the first best, as lorakit
     return {
+        "model": args.recipe["model"],
         "rank": args.rank,
         "learning_rate": lr,
         "seed": seed,
@@ -155,7 +194,8 @@ def table(runs: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha stays 8)")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "sst2_minilm.yaml")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha: the config's)")
     p.add_argument("--learning_rates", default="5e-4,1e-3,2e-3")
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=float, default=1)
@@ -165,7 +205,10 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_sweep.json")
     args = p.parse_args()
-    data = datasets(args.data_dir, args.dev_split, args.max_train_samples, args.max_length)
+    args.recipe = recipe(args.config)
+    data = datasets(
+        args.recipe["model"], args.data_dir, args.dev_split, args.max_train_samples, args.max_length
+    )
     done = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
     key = lambda r: (r.get("rank", 8), r["learning_rate"], r["seed"])  # noqa: E731
     finished = {key(r) for r in done}

@@ -25,6 +25,7 @@ LAYERS = {
     "core": {
         "dropout",
         "fused",
+        "quant",
         "lora",
         "ia3",
         "wrapper",

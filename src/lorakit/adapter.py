@@ -13,12 +13,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapter_config import (
     CONFIG_NAME,
@@ -35,6 +36,7 @@ from lorakit.inject import (
     in_head,
     lora_layers,
     matches_target,
+    quantized_kind,
     set_submodule,
 )
 from lorakit.state import (
@@ -114,6 +116,8 @@ def save_adapter(
         meta["num_labels"] = label_cfg.num_labels
         meta["id2label"] = {str(k): v for k, v in label_cfg.id2label.items()}
         meta["label2id"] = dict(label_cfg.label2id)
+    if quantized_kind(model):
+        meta["quantize_base"] = quantized_kind(model)  # what the adapter was trained against
     meta.update(extra or {})
     state = {
         PREFIX + k: v.detach().to("cpu").contiguous() for k, v in get_lora_state_dict(model).items()
@@ -202,10 +206,10 @@ class LayerPlan:
 
 def _in_out(model: nn.Module, name: str) -> tuple[int, int]:
     module = model.get_submodule(name)
-    base = module.base_layer if isinstance(module, LinearWithLoRA) else module
-    w: torch.Tensor = base.weight  # type: ignore[assignment]
-    # GPT-2's Conv1D stores (in, out); nn.Linear (out, in).
-    return (w.shape[1], w.shape[0]) if isinstance(base, nn.Linear) else (w.shape[0], w.shape[1])
+    if isinstance(module, Conv1D):  # GPT-2's: weight (in, out)
+        return module.weight.shape[0], module.weight.shape[1]
+    # nn.Linear, LinearWithLoRA and QuantLinear all say it
+    return cast(int, module.in_features), cast(int, module.out_features)
 
 
 def _expect(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> None:

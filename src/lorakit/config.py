@@ -193,12 +193,22 @@ class Config:
         "transformers model directories to best/ and final/, not adapters",
         default="lora",
     )
+    quantize_base: Literal["none", "nf4", "int8"] = _help(
+        "QLoRA: store the frozen base's linear layers as nf4 (4-bit NormalFloat, double-"
+        "quantized constants) or int8, dequantized on the fly; embeddings, LayerNorms and the "
+        "head stay full precision. The adapter records it; eval, predict and serve follow it",
+        default="none",
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     data: DataSettings = field(default_factory=DataSettings)
 
     def check(self) -> None:
         _require(self.num_labels >= 0, "num_labels must be >= 0")
+        _require(
+            self.quantize_base == "none" or self.method != "full",
+            f"--quantize_base {self.quantize_base} freezes the base; method full trains it",
+        )
         _require(
             self.method == "lora" or not self.training.push_to_hub,
             f"--push_to_hub uploads adapters; method {self.method} writes whole models "

@@ -115,7 +115,7 @@ def evaluate_adapter(
     t = config.training
     device = pick_device(t.device)
     model, tokenizer, adapter_config = load_adapted_model(
-        adapter_dir, overrides.get("model_name"), device
+        adapter_dir, overrides.get("model_name"), device, overrides.get("quantize_base")
     )
     id2label: dict[int, str] = model.config.id2label  # type: ignore[assignment]
     labels = [id2label[i] for i in sorted(id2label)]
@@ -123,7 +123,9 @@ def evaluate_adapter(
     data = encode(examples, tokenizer, t.max_length)
     amp = amp_dtype(t.precision, device, "eval")
     metrics = evaluate(model, data, t.eval_batch_size, device, amp)
-    return {"examples": len(data), **metrics, "precision": precision_name(amp)}
+    quantized = adapter_config.get("quantize_base", "none")
+    extra = {"quantize_base": quantized} if quantized != "none" else {}
+    return {"examples": len(data), **metrics, "precision": precision_name(amp), **extra}
 
 
 def evaluate_onnx(

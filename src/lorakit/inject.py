@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LoraKitError
+from lorakit.quant import QUANT_KINDS, QuantLinear
 from lorakit.targets import AUTO, FAMILIES, attention_targets, auto_targets, family_names
 from lorakit.wrapper import DEFAULT_ADAPTER, LinearWithLoRA
 
@@ -43,7 +45,7 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D, LinearWithLoRA))
+        if isinstance(module, (nn.Linear, Conv1D, QuantLinear, LinearWithLoRA))
         and not in_head(name, heads)
         and not name.endswith(".base_layer")
     ]
@@ -203,3 +205,48 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LinearWithLoRA]]:
     for name, module in model.named_modules():
         if isinstance(module, LinearWithLoRA):
             yield name, module
+
+
+def quantize_base(model: nn.Module, kind: str) -> dict[str, int]:
+    """QLoRA's base: every linear layer outside the task head stored as ``kind`` (``nf4`` or
+    ``int8``, see ``lorakit.quant``), in place, before or after adapters are added.
+
+    A LoRA layer keeps its adapters over a quantized base. Embeddings, LayerNorms and the head
+    are not touched (full precision, as in the paper). Returns the number of ``layers``
+    quantized, their ``params``, and the ``bytes_before`` / ``bytes_after`` of their weights.
+    """
+    if kind not in QUANT_KINDS:
+        raise LoraKitError(f"quantize_base {kind!r} is not one of {', '.join(QUANT_KINDS)}")
+    stats = {"layers": 0, "params": 0, "bytes_before": 0, "bytes_after": 0}
+    for name in linear_layer_names(model):
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LinearWithLoRA) else module
+        if isinstance(base, QuantLinear):
+            continue
+        quantized = QuantLinear.from_linear(base, kind)  # type: ignore[arg-type]
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        stats["layers"] += 1
+        stats["params"] += weight.numel()
+        stats["bytes_before"] += weight.numel() * weight.element_size()
+        stats["bytes_after"] += quantized.stored_bytes()
+        if isinstance(module, LinearWithLoRA):
+            module.base_layer = quantized
+        else:
+            set_submodule(model, name, quantized)
+    return stats
+
+
+def quantized_kind(model: nn.Module) -> str | None:
+    """``nf4`` or ``int8`` when ``model``'s base is quantized (``quantize_base``), else None."""
+    kinds = {m.kind for m in model.modules() if isinstance(m, QuantLinear)}
+    return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
+
+
+def dequantize_base(model: nn.Module) -> None:
+    """Every quantized layer back to a plain ``nn.Linear`` holding its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        base = module.base_layer if isinstance(module, LinearWithLoRA) else None
+        if isinstance(base, QuantLinear):
+            module.base_layer = base.to_linear()
+        elif isinstance(module, QuantLinear):
+            set_submodule(model, name, module.to_linear())

@@ -219,8 +219,11 @@ class LoRALayer(nn.Module):
 
     def output(self, layer: Host, x: torch.Tensor) -> torch.Tensor:
         """``layer``'s output with this adapter: one fused autograd node where it can run."""
-        base, w = layer.base_layer, layer.weight()  # the frozen weight, through its one accessor
-        if not self.use_dora and _fusable(self, w, x):
+        base = layer.base_layer
+        # A quantized base dequantizes inside its own call; the fused node would keep W.
+        quantized = getattr(base, "quantized", False)
+        w = None if quantized or self.use_dora else layer.weight()  # through its one accessor
+        if w is not None and _fusable(self, w, x):
             xd = self.dropout(x)
             return lora_linear(
                 x, None if xd is x else xd, w, base.bias, self.lora_A, self.lora_B, self.scaling

@@ -147,19 +147,23 @@ def load_adapted_model(
     adapter_dir: str | Path,
     model_name: str | None = None,
     device: torch.device | None = None,
+    quantize_base: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Base model + adapter (+ its head and label maps), with the base model's tokenizer.
 
     ``adapter_dir`` may also be a Hub id (``owner/name``); ``model_name`` defaults to the
     adapter's ``base_model_name_or_path``. A whole model directory (``lorakit merge``'s, or
     best/ of a ``method: head`` or ``full`` run) loads as it is; ``model_name`` is ignored.
+    ``quantize_base`` (``nf4``, ``int8`` or ``none``) overrides the base quantization the
+    adapter was trained on (its lorakit.json's ``quantize_base``; none when it says nothing).
     """
     from lorakit.adapter import load_adapter, read_adapter_config
     from lorakit.hub import resolve_adapter
 
     adapter_dir = resolve_adapter(adapter_dir)
     if is_model_dir(adapter_dir):
-        return _load_whole(Path(adapter_dir), device)
+        model, tokenizer, config = _load_whole(Path(adapter_dir), None)
+        return _quantized(model, quantize_base, config, device), tokenizer, config
     config = read_adapter_config(adapter_dir)
     name = model_name or config.get("base_model_name_or_path")
     if not name:
@@ -170,9 +174,21 @@ def load_adapted_model(
     tokenizer = load_tokenizer(name)
     model = load_model(name, id2label)
     load_adapter(model, adapter_dir)
+    return _quantized(model, quantize_base, config, device), tokenizer, config
+
+
+def _quantized(
+    model: PreTrainedModel, quantize: str | None, config: dict, device: torch.device | None
+) -> PreTrainedModel:
+    """``model`` with its base quantized as asked, else as ``config`` records; on ``device``."""
+    from lorakit.inject import quantize_base
+
+    config["quantize_base"] = quantize or config.get("quantize_base") or "none"
+    if config["quantize_base"] != "none":
+        quantize_base(model, config["quantize_base"])
     if device is not None:
         model.to(device)  # type: ignore[arg-type]
-    return model.eval(), tokenizer, config
+    return model.eval()
 
 
 def save_model(

@@ -31,6 +31,7 @@ from lorakit.adapter import (
 from lorakit.data import DEFAULT_MAX_LENGTH, adapter_text_columns
 from lorakit.errors import LoraKitError
 from lorakit.inject import find_heads, lora_layers, set_submodule
+from lorakit.inject import quantize_base as quantize_layers
 from lorakit.mixed import Router, Routes
 from lorakit.models import load_model, load_tokenizer
 from lorakit.runtime import amp_dtype, autocast
@@ -91,13 +92,21 @@ class AdapterSet:
     """A base model shared by named adapters; ``logits`` scores rows of mixed adapters."""
 
     def __init__(
-        self, model_name: str, device: torch.device | None = None, precision: str = "fp32"
+        self,
+        model_name: str,
+        device: torch.device | None = None,
+        precision: str = "fp32",
+        quantize_base: str = "none",
     ) -> None:
         self.model_name = model_name
         self.device = device or torch.device("cpu")
         self.amp = amp_dtype(precision, self.device, "serve")  # None: fp32
         self.tokenizer = load_tokenizer(model_name)
-        self.model = load_model(model_name, {0: "0", 1: "1"}).to(self.device).eval()  # type: ignore[arg-type]
+        model = load_model(model_name, {0: "0", 1: "1"})
+        self.quantize_base = quantize_base  # one quantized base, shared by every adapter
+        if quantize_base != "none":
+            quantize_layers(model, quantize_base)
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.base_labels = int(self.model.config.num_labels)
         self.router = Router()
         self.lock = threading.Lock()

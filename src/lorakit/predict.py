@@ -102,14 +102,19 @@ class Predictor:
         precision: str = "auto",
         max_length: int | None = None,
         batch_size: int = 32,
+        quantize_base: str | None = None,
     ) -> Predictor:
-        """Base model + adapter; ``merge`` folds LoRA in and puts plain layers back."""
+        """Base model + adapter; ``merge`` folds LoRA in and puts plain layers back, except
+        over a quantized base (``quantize_base``, or as the adapter was trained), which would
+        have to be dequantized: that runs unmerged."""
         from lorakit.models import load_adapted_model
         from lorakit.runtime import amp_dtype, pick_device
         from lorakit.state import unwrap_lora
 
         dev = pick_device(device)
-        model, tokenizer, config = load_adapted_model(adapter_dir, model_name, dev)
+        model, tokenizer, config = load_adapted_model(adapter_dir, model_name, dev, quantize_base)
+        quantized = config["quantize_base"] != "none"
+        merge = merge and not quantized
         if merge:
             unwrap_lora(model)
         amp = amp_dtype(precision, dev, "predict")
@@ -122,7 +127,10 @@ class Predictor:
             text_columns=adapter_text_columns(config),
             batch_size=batch_size,
             description=f"adapter {adapter_dir} ({'merged' if merge else 'unmerged'}, "
-            f"{dev}, {amp or torch.float32})".replace("torch.", ""),
+            f"{dev}, {amp or torch.float32}"
+            f"{', ' + config['quantize_base'] + ' base' if quantized else ''})".replace(
+                "torch.", ""
+            ),
         )
 
     @classmethod

@@ -380,6 +380,7 @@ class Info(BaseModel):
     model_sha: str | None
     model_dtype: str
     precision: str
+    quantize_base: str = Field(description="the shared base's storage: none, nf4 or int8")
     model_type: ModelType
     max_concurrent_requests: int
     max_input_length: int

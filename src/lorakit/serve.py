@@ -94,6 +94,7 @@ class ServeSettings:
     auto_truncate: bool = False
     payload_limit: int = 2_000_000  # bytes, TEI's default
     precision: str = "auto"  # auto: bf16 where the hardware runs it fast (runtime.amp_dtype)
+    quantize_base: str | None = None  # nf4, int8, none; None: as the first adapter was trained
 
 
 class Metrics:
@@ -373,6 +374,7 @@ class Server:
             # what the matmuls run in (weights stay fp32 under bf16 autocast)
             "model_dtype": str(self.adapters.amp or torch.float32).replace("torch.", ""),
             "precision": precision_name(self.adapters.amp),
+            "quantize_base": self.adapters.quantize_base,
             "model_type": {
                 "classifier": {
                     "id2label": {str(i): label for i, label in enumerate(labels)},
@@ -658,13 +660,26 @@ def build_server(settings: ServeSettings) -> Server:
         except LoraKitError as e:
             raise LoraKitError(f"--adapter {name}={directory}: {e}") from None
     model = settings.model or _base_of(resolved)
-    adapters = AdapterSet(model, precision=settings.precision)
+    quantize = settings.quantize_base or _quantized_as(resolved)
+    adapters = AdapterSet(model, precision=settings.precision, quantize_base=quantize)
     for name, directory, path in resolved:
         try:
             adapters.load(name, path)
         except LoraKitError as e:
             raise LoraKitError(f"--adapter {name}={directory}: {e}") from None
     return Server(settings, adapters)
+
+
+def _quantized_as(adapters: list[tuple[str, str, Path]]) -> str:
+    """The base quantization the first adapter was trained on (lorakit.json), else none."""
+    from lorakit.models import read_saved_config
+
+    if not adapters:
+        return "none"
+    try:
+        return str(read_saved_config(adapters[0][2]).get("quantize_base") or "none")
+    except LoraKitError:
+        return "none"  # _base_of names the unreadable adapter
 
 
 def _base_of(adapters: list[tuple[str, str, Path]]) -> str:

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from lorakit.errors import LoraKitError
-from lorakit.inject import find_heads, in_head, lora_layers, matches_target, set_submodule
+from lorakit.inject import (
+    dequantize_base,
+    find_heads,
+    in_head,
+    lora_layers,
+    matches_target,
+    set_submodule,
+)
+from lorakit.quant import QuantLinear
 
 Bias = Literal["none", "all", "lora_only"]
 
@@ -113,9 +121,12 @@ def trainable_layout(model: nn.Module) -> Layout:
 
 
 def count_lora_parameters(model: nn.Module) -> dict[str, float]:
-    """Total, trainable and frozen parameter counts, the trainable percentage, and how many
-    trainable weights are the adapter's own (the rest: task head, biases, modules to save)."""
-    total = sum(p.numel() for p in model.parameters())
+    """Total, trainable and frozen parameter counts, the trainable percentage, how many
+    trainable weights are the adapter's own (the rest: task head, biases, modules to save),
+    and, for a quantized base (QLoRA), its weights and the bytes they are stored in."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    quantized_params = sum(m.in_features * m.out_features for m in quantized)
+    total = sum(p.numel() for p in model.parameters()) + quantized_params
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter = sum(
         p.numel() for n, p in model.named_parameters() if p.requires_grad and is_lora_param(n)
@@ -126,6 +137,8 @@ def count_lora_parameters(model: nn.Module) -> dict[str, float]:
         "adapter": adapter,
         "frozen": total - trainable,
         "percentage": 100.0 * trainable / total if total else 0.0,
+        "quantized_params": quantized_params,
+        "quantized_bytes": sum(m.stored_bytes() for m in quantized),
     }
 
 
@@ -144,8 +157,18 @@ def format_parameter_stats(stats: dict[str, float], variant: str | None = None) 
             ),
             f"  Frozen parameters:     {int(stats['frozen']):>15,}",
             f"  Trainable percentage:  {stats['percentage']:>15.4f}%",
+            *_quantized_line(stats),
         ]
     )
+
+
+def _quantized_line(stats: dict[str, float]) -> list[str]:
+    """The quantized base's weights and their bytes, beside what bf16 would take."""
+    n = int(stats.get("quantized_params", 0))
+    if not n:
+        return []
+    mib = stats["quantized_bytes"] / 2**20
+    return [f"  Quantized base:        {n:>15,} weights in {mib:.1f} MiB (bf16: {n / 2**19:.1f})"]
 
 
 def merge_lora_weights(model: nn.Module) -> None:
@@ -178,7 +201,12 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
 
 
 def unwrap_lora(model: nn.Module) -> None:
-    """Merge and put the plain base layers back, leaving an ordinary transformers model."""
+    """Merge and put the plain base layers back, leaving an ordinary transformers model.
+
+    A quantized base (QLoRA) is dequantized first: the result is the full-precision model
+    the adapter was trained against, ``dequantize(W) + sBA``.
+    """
+    dequantize_base(model)
     for name, layer in list(lora_layers(model)):
         layer.merge_weights()
         set_submodule(model, name, layer.base_layer)

@@ -33,7 +33,7 @@ from lorakit.data import Encoded, Examples, encode, hold_out, load_examples
 from lorakit.distributed import World, start
 from lorakit.dropout import use_fast_dropout
 from lorakit.errors import LoraKitError
-from lorakit.inject import apply_ia3_to_model, apply_lora_to_model
+from lorakit.inject import apply_ia3_to_model, apply_lora_to_model, quantize_base
 from lorakit.loop import Hooks, Interrupted, Loop, Run, task_name
 from lorakit.models import load_model, load_tokenizer
 from lorakit.paths import check_writable
@@ -152,6 +152,8 @@ def build_model(config: Config, label_names: tuple[str, ...], device: torch.devi
         )
     if config.method == "lora":
         mark_only_lora_as_trainable(model)
+    if config.quantize_base != "none":
+        quantize_base(model, config.quantize_base)
     if config.training.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if device.type == "cpu":  # torch's CPU dropout masks cost ~10% of a step (lorakit.dropout)
@@ -350,7 +352,8 @@ def _method_name(config: Config) -> str:
         return "head only"
     if config.method == "full":
         return "full fine-tuning"
-    return config.lora.describe()
+    what = config.lora.describe()
+    return what if config.quantize_base == "none" else f"{what}, {config.quantize_base} base"
 
 
 def _summary(
@@ -382,6 +385,8 @@ def _summary(
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": int(stats["trainable"]),
         "adapter_params": int(stats["adapter"]),
+        "quantize_base": config.quantize_base,
+        "quantized_base_bytes": int(stats["quantized_bytes"]),
         "total_params": int(stats["total"]),
         "num_epochs": config.training.num_epochs,
         "batch_size": config.training.batch_size,

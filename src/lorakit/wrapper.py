@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.errors import LoraKitError
 from lorakit.ia3 import IA3Layer
 from lorakit.lora import LoRALayer
+from lorakit.quant import QuantLinear
 
 DEFAULT_ADAPTER = "default"
 
@@ -34,7 +36,8 @@ KINDS: dict[str, type[Adapter]] = {LoRALayer.kind: LoRALayer, IA3Layer.kind: IA3
 
 
 class LinearWithLoRA(nn.Module):
-    """``base_layer(x)`` plus the active adapter, around an ``nn.Linear`` or GPT-2 ``Conv1D``.
+    """``base_layer(x)`` plus the active adapter, around an ``nn.Linear``, GPT-2 ``Conv1D`` or
+    a quantized ``QuantLinear`` (QLoRA).
 
     The base layer is kept by reference (its weight is not copied) under ``base_layer``, as
     in PEFT. Merging folds the active adapter into the base weight; a merged layer skips the
@@ -52,17 +55,21 @@ class LinearWithLoRA(nn.Module):
         use_dora: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(linear, (nn.Linear, Conv1D)):
+        if not isinstance(linear, (nn.Linear, Conv1D, QuantLinear)):
             raise TypeError(
-                f"LinearWithLoRA wraps nn.Linear or Conv1D, not {type(linear).__name__}"
+                f"LinearWithLoRA wraps nn.Linear, Conv1D or QuantLinear, not "
+                f"{type(linear).__name__}"
             )
         self.base_layer = linear
-        # Conv1D stores its weight as (in, out); nn.Linear as (out, in).
+        # Conv1D stores its weight as (in, out); nn.Linear and QuantLinear as (out, in).
         self.fan_in_fan_out = isinstance(linear, Conv1D)
-        w = linear.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        )
+        if isinstance(linear, QuantLinear):
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+        else:
+            w = linear.weight
+            self.in_features, self.out_features = (
+                (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+            )
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
@@ -76,13 +83,19 @@ class LinearWithLoRA(nn.Module):
     # -- adapters ---------------------------------------------------------------------------
 
     def weight(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever the layer's own layout (a view)."""
+        """The base weight as (out, in), whatever the layer's own layout (a view; for a
+        quantized base, a dequantized copy)."""
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantLinear)
+
     def register(self, name: str, adapter: nn.Module) -> None:
         """Keep ``adapter`` under ``name`` on the base weight's device; active unless merged."""
-        adapter.to(self.base_layer.weight.device)
+        tensors = [*self.base_layer.buffers(), *self.base_layer.parameters()]
+        adapter.to(tensors[0].device)
         self.adapters[name] = adapter
         if self.merged_adapter is None:
             self.active_adapter = name
@@ -146,6 +159,11 @@ class LinearWithLoRA(nn.Module):
         """
         if self.merged or self.active_adapter is None:
             return
+        if self.quantized:
+            raise LoraKitError(
+                "cannot merge an adapter into a quantized base layer: dequantize it first "
+                "(lorakit merge and export write the dequantized base plus the adapter)"
+            )
         w, bias = self.weight(), self.base_layer.bias
         self._unmerged = (w.detach().clone(), None if bias is None else bias.detach().clone())
         new_w, new_bias = self.lora.merged(w, bias)

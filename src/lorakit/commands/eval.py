@@ -22,6 +22,7 @@ DATA_FLAGS = (
     "precision",
     "device",
     "model",
+    "quantize_base",
 )
 # What these flags mean here, where the training help would mislead.
 FLAG_HELP = {
@@ -29,6 +30,7 @@ FLAG_HELP = {
     "task": "GLUE task (default: the adapter's)",
     "max_length": "tokens per example; longer inputs are truncated (default: the adapter's)",
     "max_eval_samples": "evaluate only the first N rows of the split (0 = all)",
+    "quantize_base": "base weights as nf4 or int8 (QLoRA; default: as the adapter was trained)",
 }
 
 
@@ -51,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if args.onnx:
         require_extra("onnx", "--onnx")
-        ignored = {"model_name", "training.precision", "training.device"} & set(overrides)
+        ignored = {"model_name", "training.precision", "training.device", "quantize_base"} & set(
+            overrides
+        )
         if ignored:
             flags = ", ".join(f"--{k.split('.')[-1].replace('_name', '')}" for k in sorted(ignored))
             raise LoraKitError(f"{flags} does not apply to --onnx (the graph holds the model)")

@@ -80,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto = bf16 only where the hardware runs it fast, else fp32",
     )
+    parser.add_argument(
+        "--quantize_base",
+        choices=("none", "nf4", "int8"),
+        help="base weights as nf4 or int8 (QLoRA; default: as the adapter was trained); a "
+        "quantized base runs unmerged",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +150,7 @@ def _predictor(args: argparse.Namespace) -> Predictor:
         precision=args.precision,
         max_length=args.max_length,
         batch_size=args.batch_size,
+        quantize_base=args.quantize_base,
     )
 
 

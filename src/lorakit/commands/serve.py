@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="autocast precision of the forward pass; auto = bf16 where the hardware runs it "
         "fast, else fp32 (/info says which)",
     )
+    parser.add_argument(
+        "--quantize_base",
+        choices=("none", "nf4", "int8"),
+        help="store the shared base model's linear layers as nf4 or int8 (QLoRA; default: "
+        "as the first adapter was trained)",
+    )
     _limit_flags(parser)
 
 
@@ -142,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         auto_truncate=bool(getattr(args, "auto_truncate", False)),
         payload_limit=args.payload_limit,
         precision=args.precision,
+        quantize_base=args.quantize_base,
     )
     server = build_server(settings)
     _banner(server, args.host, args.port)
