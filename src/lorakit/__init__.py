@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lorakit.adapter import load_adapter, save_adapter
     from lorakit.errors import LoraKitError
-    from lorakit.inject import apply_ia3_to_model, apply_lora_to_model
+    from lorakit.inject import apply_ia3_to_model, apply_lora_to_model, quantize_base
     from lorakit.lora import LoRALayer
     from lorakit.state import (
         count_lora_parameters,
@@ -42,6 +42,7 @@ _API = {
     "load_lora_state_dict": "lorakit.state",
     "mark_only_lora_as_trainable": "lorakit.state",
     "merge_lora_weights": "lorakit.state",
+    "quantize_base": "lorakit.inject",
     "save_adapter": "lorakit.adapter",
     "unmerge_lora_weights": "lorakit.state",
 }
@@ -59,6 +60,7 @@ __all__ = [
     "load_lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora_weights",
+    "quantize_base",
     "save_adapter",
     "unmerge_lora_weights",
 ]
