@@ -220,13 +220,21 @@ class LoRALayer(nn.Module):
     def output(self, layer: Host, x: torch.Tensor) -> torch.Tensor:
         """``layer``'s output with this adapter: one fused autograd node where it can run."""
         base = layer.base_layer
-        # A quantized base dequantizes inside its own call; the fused node would keep W.
+        # A quantized base (QLoRA) hands the fused node its dequantizer, not a weight to keep.
         quantized = getattr(base, "quantized", False)
-        w = None if quantized or self.use_dora else layer.weight()  # through its one accessor
-        if w is not None and _fusable(self, w, x):
+        w = None if quantized else layer.weight()  # the frozen weight, through its one accessor
+        dtype = base.compute_dtype if quantized else w.dtype  # type: ignore[union-attr]
+        if not self.use_dora and _fusable(self, dtype, x):
             xd = self.dropout(x)
             return lora_linear(
-                x, None if xd is x else xd, w, base.bias, self.lora_A, self.lora_B, self.scaling
+                x,
+                None if xd is x else xd,
+                w,
+                base.bias,
+                self.lora_A,
+                self.lora_B,
+                self.scaling,
+                base.dequantize if quantized else None,
             )
         out = base(x)
         if self.use_dora:
@@ -282,9 +290,9 @@ class LoRALayer(nn.Module):
         return out
 
 
-def _fusable(lora: LoRALayer, weight: torch.Tensor, x: torch.Tensor) -> bool:
+def _fusable(lora: LoRALayer, weight_dtype: torch.dtype, x: torch.Tensor) -> bool:
     """Whether ``lora_linear`` (one autograd node, see lorakit.fused) can run this call: one
     dtype throughout and no autocast (which would choose dtypes per matmul)."""
-    return x.dtype == lora.lora_A.dtype == weight.dtype and not torch.is_autocast_enabled(
+    return x.dtype == lora.lora_A.dtype == weight_dtype and not torch.is_autocast_enabled(
         x.device.type
     )
