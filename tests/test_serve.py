@@ -117,6 +117,9 @@ def test_inference_client_per_adapter_url(
     out = InferenceClient(model=f"{url}/models/sst2").text_classification(TEXTS[3])
     want = _alone(env["sst2"], [TEXTS[3]])[0]
     assert {o.label: o.score for o in out} == pytest.approx(want, abs=1e-5)
+    # The server's own URL, as for TEI: the default adapter (sst2, the first --adapter).
+    root = InferenceClient(model=url).text_classification(TEXTS[3])
+    assert {o.label: o.score for o in root} == pytest.approx(want, abs=1e-5)
     top = InferenceClient(model=f"{url}/models/grades").text_classification(TEXTS[0], top_k=1)
     grades = _alone(env["grades"], [TEXTS[0]])[0]
     assert [o.label for o in top] == [max(grades, key=grades.get)]

@@ -289,7 +289,7 @@ class Server:
         out = [ranked(scores(row, function), adapter.labels) for row in logits]
         return out if req.batch else out[0]
 
-    async def hf_inference(self, name: str, body: Any) -> Any:
+    async def hf_inference(self, name: str | None, body: Any) -> Any:
         req = read_hf(body)
         if len(req.rows) > self.settings.max_client_batch_size:
             raise validation(
@@ -538,8 +538,8 @@ def create_app(server: Server) -> FastAPI:
 
 
 def _classify_routes(app: FastAPI, server: Server) -> None:
-    """TEI's /predict and the Inference API's /models/{name}, documented with their bodies,
-    their success and each error they answer."""
+    """TEI's /predict and POST /, and the Inference API's /models/{name}, documented with their
+    bodies, their success and each error they answer."""
     limit = server.settings.payload_limit
 
     async def body_of(request: Request) -> Any:
@@ -571,6 +571,19 @@ def _classify_routes(app: FastAPI, server: Server) -> None:
         except ApiError as e:
             return error_response(e)
         return await server.run("models", name, lambda: server.hf_inference(name, body))
+
+    @app.post(
+        "/",
+        responses=_responses(InferencePredictions, CLASSIFY_ERRORS),
+        openapi_extra=_body("InferenceBody", limit),
+    )
+    async def root(request: Request) -> Response:
+        """TEI's root route: the default adapter, so InferenceClient("http://host:port") works."""
+        try:
+            body = await body_of(request)
+        except ApiError as e:
+            return error_response(e)
+        return await server.run("root", None, lambda: server.hf_inference(None, body))
 
 
 def _adapter_routes(app: FastAPI, server: Server) -> None:
