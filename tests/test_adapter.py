@@ -314,7 +314,7 @@ def test_unknown_config_keys_warn(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         (lambda d: (d.mkdir(), (d / "adapter_config.json").write_text("{oops")), "not valid JSON"),
         (
             lambda d: (d.mkdir(), (d / "adapter_config.json").write_text('{"peft_type": "VERA"}')),
-            "not a LoRA or IA",
+            "not a LoRA, IA³ or AdaLoRA",
         ),
         (
             lambda d: (

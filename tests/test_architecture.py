@@ -28,6 +28,7 @@ LAYERS = {
         "quant",
         "lora",
         "ia3",
+        "adalora",
         "wrapper",
         "mixed",
         "inject",

@@ -214,13 +214,6 @@ def test_peft_features_lorakit_lacks_are_refused(
     assert not list(lora_layers(model))
 
 
-def test_adalora_is_refused(tmp_path: Path, peft) -> None:  # noqa: ANN001
-    config = peft.AdaLoraConfig(task_type="SEQ_CLS", target_modules=["query"], total_step=10)
-    peft.get_peft_model(make_model("bert"), config).save_pretrained(tmp_path / "p")
-    with pytest.raises(LoraKitError, match="AdaLoRA adapters are not implemented"):
-        load_adapter(make_model("bert"), tmp_path / "p")
-
-
 @pytest.fixture(scope="module")
 def tiny_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from conftest import save_tiny_model_dir, write_sentiment_rows

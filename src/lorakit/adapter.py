@@ -51,8 +51,11 @@ from lorakit.wrapper import DEFAULT_ADAPTER, KINDS, LinearWithLoRA
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # A layer's own adapter tensors: "<layer>.lora_A.weight", ".lora_B.weight", DoRA's
-# ".lora_magnitude_vector", IA³'s ".ia3_l". Everything else is a head or base tensor.
-LAYER_TENSOR = re.compile(r"(.*)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|ia3_l)$")
+# ".lora_magnitude_vector", IA³'s ".ia3_l", AdaLoRA's ".lora_A", ".lora_E", ".lora_B".
+# Everything else is a head or base tensor.
+LAYER_TENSOR = re.compile(
+    r"(.*)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|ia3_l|lora_[ABE])$"
+)
 
 
 def _spec(model: nn.Module, names: list[str]) -> list[str]:
@@ -236,7 +239,7 @@ def lora_plan(
     for name in targets:
         n_in, n_out = _in_out(model, name)
         ff = matches_target(name, config.get("feedforward_modules") or [])
-        rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r") or 0))
+        rank = kind.layer_rank(name, config)
         default_alpha = config.get("lora_alpha") or 0.0
         alpha = float(pattern_value(config.get("alpha_pattern") or {}, name, default_alpha))
         spec = LayerPlan(name, kind.kind, rank, alpha, ff)

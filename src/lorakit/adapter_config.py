@@ -1,9 +1,10 @@
 """``adapter_config.json``: what lorakit reads, writes and refuses in PEFT's adapter configs.
 
-lorakit implements PEFT's ``LORA`` (plain, rsLoRA, DoRA, per-layer ranks) and ``IA3``. Anything
-whose math differs — initialisations that rewrite the base weights on load (PiSSA, OLoRA,
-CorDA, LoftQ, LoRA-GA), AdaLoRA, the newer LoRA extensions — is refused with one line rather
-than loaded into wrong logits. Keys a newer PEFT adds at their default values load silently.
+lorakit implements PEFT's ``LORA`` (plain, rsLoRA, DoRA, per-layer ranks), ``IA3`` and
+``ADALORA``. Anything whose math differs — initialisations that rewrite the base weights on load
+(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), the newer LoRA extensions — is refused with one line
+rather than loaded into wrong logits. Keys a newer PEFT adds at their default values load
+silently.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ KNOWN_KEYS = {
     "auto_mapping", "peft_version", "megatron_core", "runtime_config", "eva_config",
     "corda_config", "qalora_group_size", "ensure_weight_tying", "feedforward_modules",
     "init_ia3_weights",
+    # AdaLoRA's schedule (training only: a finished adapter's math reads init_r and the masks)
+    "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+    "total_step",
     # lorakit's own, in adapter_config.json before lorakit.json existed
     "id2label", "label2id", "num_labels", "task", "lorakit_version", "max_length",
     "text_columns", "metrics",
@@ -56,7 +60,7 @@ REFUSED_WHEN_SET = {
 }
 # init_lora_weights values that rewrite the base weights when PEFT loads the adapter.
 REWRITES_BASE = re.compile(r"^(pissa.*|olora|corda|loftq|lora_ga)$")
-OTHER_METHODS = {"ADALORA": "AdaLoRA"}
+KINDS = ("LORA", "IA3", "ADALORA")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -126,11 +130,37 @@ def _check_lora(path: Path, config: dict[str, Any]) -> None:
         raise LoraKitError(f"{path}: DoRA on GPT-2's Conv1D layers is not implemented in lorakit")
 
 
+def _check_adalora(path: Path, config: dict[str, Any]) -> None:
+    """AdaLoRA: ``init_r`` (the rank every layer starts at, the update's divisor) and one
+    boolean per initial triplet in each ``rank_pattern`` entry (``<layer>.lora_E``)."""
+    for key in ("init_r", "lora_alpha", "target_modules"):
+        if config.get(key) is None:
+            raise LoraKitError(f"{path} lacks the required key {key!r}")
+    _require(path, config, "init_r", _positive_int, "a positive whole number")
+    _require(path, config, "lora_alpha", _number, "a number")
+    _require(path, config, "lora_dropout", _fraction, "a number in [0, 1)")
+    patterns = config.get("rank_pattern") or {}
+    masks_ok = isinstance(patterns, dict) and all(
+        isinstance(v, list)
+        and len(v) == config["init_r"]
+        and all(isinstance(m, bool) for m in v)
+        and k.endswith(".lora_E")
+        for k, v in patterns.items()
+    )
+    if not masks_ok:
+        raise LoraKitError(
+            f"{path}: rank_pattern must map <layer>.lora_E to init_r={config['init_r']} booleans"
+        )
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise LoraKitError(f"{path}: bias must be none, all or lora_only, not {config['bias']!r}")
+
+
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """``adapter_config.json`` checked, with ``lorakit.json``'s keys (labels, task) merged in.
 
     Raises:
-        LoraKitError: missing or unreadable, not LoRA/IA³, or using a feature lorakit lacks.
+        LoraKitError: missing or unreadable, not LoRA/IA³/AdaLoRA, or using a feature lorakit
+            lacks.
     """
     directory = readable(directory)
     path = directory / CONFIG_NAME
@@ -140,12 +170,14 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise LoraKitError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
     config = read_json(path)
     kind = config.get("peft_type")
-    if kind in OTHER_METHODS:
-        raise LoraKitError(f"{path}: {OTHER_METHODS[kind]} adapters are not implemented in lorakit")
-    if kind not in ("LORA", "IA3"):
-        raise LoraKitError(f"{path} is not a LoRA or IA³ adapter config (peft_type {kind!r})")
+    if kind not in KINDS:
+        raise LoraKitError(
+            f"{path} is not a LoRA, IA³ or AdaLoRA adapter config (peft_type {kind!r})"
+        )
     if kind == "LORA":
         _check_lora(path, config)
+    elif kind == "ADALORA":
+        _check_adalora(path, config)
     elif "target_modules" not in config:
         raise LoraKitError(f"{path} lacks the required key 'target_modules'")
     _require(path, config, "target_modules", _names, "a list of module names or a regex")

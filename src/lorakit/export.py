@@ -132,10 +132,14 @@ def merge_adapter(
 
 
 def write_plain_lora(adapter_dir: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Copy an rsLoRA adapter as the equivalent plain LoRA (alpha' = alpha·sqrt(r)), for
-    runtimes that ignore ``use_rslora``; the tensors are unchanged."""
+    """Write an rsLoRA or AdaLoRA adapter as the equivalent plain LoRA, for runtimes that know
+    only LoRA: rsLoRA's alpha' = alpha·sqrt(r) (tensors unchanged), AdaLoRA's ``A ⊙ E`` with
+    per-layer ranks (``lorakit.adalora.as_plain_lora``)."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.adalora import as_plain_lora
     from lorakit.adapter import WEIGHTS_NAME
     from lorakit.adapter_config import (
         CONFIG_NAME,
@@ -145,15 +149,27 @@ def write_plain_lora(adapter_dir: Path, out: Path, overwrite: bool = False) -> d
         read_json,
     )
 
-    if not read_adapter_config(adapter_dir).get("use_rslora"):
-        raise LoraKitError(f"{adapter_dir} is not an rsLoRA adapter: it is plain LoRA already")
+    checked = read_adapter_config(adapter_dir)
+    adalora = checked.get("peft_type") == "ADALORA"
+    if not adalora and not checked.get("use_rslora"):
+        raise LoraKitError(
+            f"{adapter_dir} is neither an rsLoRA nor an AdaLoRA adapter: it is plain LoRA already"
+        )
     _check_out(out, overwrite, "dir")
-    config = plain_lora_config(read_json(adapter_dir / CONFIG_NAME))
+    raw = read_json(adapter_dir / CONFIG_NAME)
     with atomic_dir(out) as tmp:
+        if adalora:
+            try:
+                config, state = as_plain_lora(raw, load_file(str(adapter_dir / WEIGHTS_NAME)))
+            except ValueError as e:
+                raise LoraKitError(f"{adapter_dir}: {e}") from None
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            config = plain_lora_config(raw)
+            shutil.copyfile(adapter_dir / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in (WEIGHTS_NAME, LORAKIT_NAME):
-            if (adapter_dir / name).is_file():
-                shutil.copyfile(adapter_dir / name, tmp / name)
+        if (adapter_dir / LORAKIT_NAME).is_file():
+            shutil.copyfile(adapter_dir / LORAKIT_NAME, tmp / LORAKIT_NAME)
     return {"out": str(out), "lora_alpha": config["lora_alpha"]}
 
 

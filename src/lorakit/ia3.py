@@ -35,6 +35,10 @@ class IA3Layer(nn.Module):
     stackable = False
     full_target_names = True  # PEFT wants feedforward_modules to be a subset of them
 
+    @staticmethod
+    def layer_rank(name: str, config: dict[str, Any]) -> int:
+        return 0  # a vector, not a low-rank update
+
     @classmethod
     def attach(cls, layer: Host, name: str, spec: LayerSpec, config: dict[str, Any]) -> IA3Layer:
         old = layer.adapters[name] if name in layer.adapters else None  # noqa: SIM401 - a ModuleDict

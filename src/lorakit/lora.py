@@ -14,7 +14,8 @@ wrapper (``lorakit.wrapper.LinearWithLoRA``) knows no kind by name: ``tensor_sha
 adapter file must hold for a layer), ``attach`` (put one on a layer from a file's config),
 ``output(layer, x)`` (the layer's output with it), ``scale_input(x)`` and
 ``add_to_rows(layer, x, part)`` (its share of a mixed batch, ``lorakit.mixed``),
-``merged(w, b)`` (weight and bias with it folded in), ``peft_tensors()`` and
+``merged(w, b)`` (weight and bias with it folded in), ``layer_rank(name, config)`` (the rank a
+file holds for a layer), ``peft_tensors()`` and
 ``peft_config(layers, bias)`` (PEFT's names and config keys) and ``stackable`` (plain LoRA,
 which mixed batches may gather). The frozen weight is always read as ``layer.weight()``, so
 any ``base_layer`` with a ``weight`` works under them. A new kind is one module like this, one
@@ -51,6 +52,8 @@ class Host(Protocol):
 class LayerSpec(Protocol):
     """What an adapter file says of one layer (``lorakit.adapter.LayerPlan``)."""
 
+    @property
+    def name(self) -> str: ...
     @property
     def rank(self) -> int: ...
     @property
@@ -139,6 +142,13 @@ class LoRALayer(nn.Module):
 
     kind = "LORA"
     full_target_names = False  # target_modules may be shortened to leaf names
+
+    @staticmethod
+    def layer_rank(name: str, config: dict[str, Any]) -> int:
+        """The rank the adapter file holds for layer ``name``: ``rank_pattern``, else ``r``."""
+        from lorakit.adapter_config import pattern_value
+
+        return int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r") or 0))
 
     @property
     def stackable(self) -> bool:

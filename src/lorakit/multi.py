@@ -48,7 +48,7 @@ class ServedAdapter:
     max_length: int
     task: str | None
     ranks: tuple[int, ...]  # the distinct LoRA ranks of its layers (none for IA³)
-    variant: str  # LoRA, rsLoRA, DoRA or IA³
+    variant: str  # LoRA, rsLoRA, DoRA, IA³ or AdaLoRA
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -147,7 +147,7 @@ class AdapterSet:
                 text_columns=adapter_text_columns(config),
                 max_length=int(config.get("max_length") or DEFAULT_MAX_LENGTH),
                 task=config.get("task"),
-                ranks=tuple(sorted({p.rank for p in plan if p.kind == "LORA"})),
+                ranks=tuple(sorted({p.rank for p in plan if p.kind in ("LORA", "ADALORA")})),
                 variant=_variant(config),
             )
             for wrapper in attach(self.model, plan, config, state, name):
@@ -252,6 +252,6 @@ def _labels(config: dict[str, Any], heads: dict[str, nn.Module]) -> tuple[str, .
 
 
 def _variant(config: dict[str, Any]) -> str:
-    if config.get("peft_type") == "IA3":
-        return "IA³"
+    if config.get("peft_type") in ("IA3", "ADALORA"):
+        return {"IA3": "IA³", "ADALORA": "AdaLoRA"}[config["peft_type"]]
     return "DoRA" if config.get("use_dora") else "rsLoRA" if config.get("use_rslora") else "LoRA"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.adalora import AdaLoRALayer
 from lorakit.errors import LoraKitError
 from lorakit.ia3 import IA3Layer
 from lorakit.lora import LoRALayer
@@ -30,9 +31,13 @@ class RowRouter(Protocol):
     def forward(self, layer: LinearWithLoRA, x: torch.Tensor) -> torch.Tensor: ...
 
 
-Adapter = LoRALayer | IA3Layer
-# PEFT type -> the adapter class that implements it (AdaLoRA joins here).
-KINDS: dict[str, type[Adapter]] = {LoRALayer.kind: LoRALayer, IA3Layer.kind: IA3Layer}
+Adapter = LoRALayer | IA3Layer | AdaLoRALayer
+# PEFT type -> the adapter class that implements it.
+KINDS: dict[str, type[Adapter]] = {
+    LoRALayer.kind: LoRALayer,
+    IA3Layer.kind: IA3Layer,
+    AdaLoRALayer.kind: AdaLoRALayer,
+}
 
 
 class LinearWithLoRA(nn.Module):
@@ -119,7 +124,7 @@ class LinearWithLoRA(nn.Module):
     def adapter(self, name: str) -> Adapter:
         """The adapter called ``name``."""
         layer = self.adapters[name]
-        assert isinstance(layer, (LoRALayer, IA3Layer))
+        assert isinstance(layer, (LoRALayer, IA3Layer, AdaLoRALayer))
         return layer
 
     @property

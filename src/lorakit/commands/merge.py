@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plain_lora",
         action="store_true",
-        help="instead of merging, write the rsLoRA adapter as the equivalent plain LoRA "
-        "adapter (alpha' = alpha*sqrt(r)) for runtimes that ignore use_rslora",
+        help="instead of merging, write the rsLoRA or AdaLoRA adapter as the equivalent plain "
+        "LoRA adapter (rsLoRA: alpha' = alpha*sqrt(r); AdaLoRA: A*E, per-layer ranks) for "
+        "runtimes that know only LoRA",
     )
 
 
