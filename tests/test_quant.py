@@ -307,3 +307,40 @@ def test_a_peft_lora_adapter_runs_on_an_nf4_base_as_peft_on_the_dequantized_weig
         torch.testing.assert_close(
             ours(**inputs).logits, theirs.eval()(**inputs).logits, atol=1e-5, rtol=1e-5
         )
+
+
+def test_ctrl_c_then_resume_on_an_nf4_base_reproduces_the_run(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from safetensors.torch import load_file
+
+    from lorakit.train import Loop
+
+    def args(out: Path) -> list[str]:
+        return [
+            *["train", "--model", str(trained["model"]), "--data_dir", str(trained["data"])],
+            *["--output_dir", str(out), "--quantize_base", "nf4", "--rank", "4"],
+            *["--batch_size", "8", "--num_epochs", "2", "--precision", "fp32"],
+            *["--max_length", "32"],
+        ]
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(args(full)) == 0
+    original = Loop._optimizer_step
+
+    def step_then_signal(self: Loop) -> None:
+        original(self)
+        if self.state.global_step + 1 == 8:  # mid epoch 2 (6 steps an epoch)
+            signal.raise_signal(signal.SIGINT)
+
+    with monkeypatch.context() as m:
+        m.setattr(Loop, "_optimizer_step", step_then_signal)
+        assert main(args(split)) == 130
+    assert main(["train", "--resume", "--output_dir", str(split)]) == 0
+    a = load_file(str(full / "final" / "adapter_model.safetensors"))
+    b = load_file(str(split / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
