@@ -164,3 +164,147 @@ def test_an_adalora_adapter_shares_a_served_batch_with_plain_lora(tmp_path: Path
         probs = alone.predict([texts[i]])[0]["probs"]
         got = torch.softmax(torch.from_numpy(mixed[i]), -1).tolist()
         assert got == pytest.approx(list(probs.values()), abs=1e-5)
+
+
+def _budget_settings(**change):  # noqa: ANN003, ANN202
+    from lorakit.config import LoraSettings
+
+    settings = dict(rank=INIT_R, alpha=12.0, variant="adalora", target_r=2, tinit=2, tfinal=3)
+    settings.update(change)
+    return LoraSettings(**settings)
+
+
+def test_one_budget_step_masks_the_triplets_peft_masks(tmp_path: Path, peft) -> None:  # noqa: ANN001
+    from lorakit.budget import RankBudget
+
+    config = peft.AdaLoraConfig(
+        task_type="SEQ_CLS",
+        init_r=INIT_R,
+        target_r=2,
+        lora_alpha=12,
+        target_modules=TARGETS,
+        total_step=20,
+        tinit=2,
+        tfinal=3,
+        deltaT=2,
+    )
+    theirs = peft.get_peft_model(make_model("bert"), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "start")
+    ours = make_model("bert")
+    load_adapter(ours, tmp_path / "start")
+    budget = RankBudget(ours, _budget_settings(deltaT=2), total_step=20)
+    models = (theirs.eval(), ours.eval())  # no dropout: the same gradients on both sides
+    for step in range(1, 9):  # warm-up (1, 2), then the budget falls; masks at even steps
+        batch = make_batch(seed=step)
+        for model in models:
+            model.zero_grad()
+            model(**batch).logits.square().sum().backward()
+        theirs.base_model.update_and_allocate(step)
+        budget.step(ours, step)
+        pattern = theirs.peft_config["default"].rank_pattern or {}
+        masks = {k.removesuffix(".lora_E.default"): v for k, v in pattern.items()}
+        if step >= 4:
+            assert masks, step
+            assert {n: a.mask for n, a in budget.layers} == masks, step
+    for name, adapter in budget.layers:
+        e = theirs.base_model.model.get_submodule(name).lora_E["default"]
+        torch.testing.assert_close(adapter.lora_E, e, atol=1e-6, rtol=1e-5)
+    assert sum(budget.ranks()) < budget.init_bgt
+
+
+def test_the_orthogonality_term_is_pefts(tmp_path: Path, peft) -> None:  # noqa: ANN001
+    from lorakit.budget import RankBudget
+
+    theirs, _ = _peft_adalora(peft)
+    theirs.peft_config["default"].rank_pattern = None
+    theirs.save_pretrained(tmp_path / "full")
+    ours = make_model("bert")
+    load_adapter(ours, tmp_path / "full")
+    budget = RankBudget(ours, _budget_settings(), total_step=100)
+    labels = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        out = theirs.eval()(**make_batch(), labels=labels)
+        task = torch.nn.functional.cross_entropy(out.logits, labels)
+        torch.testing.assert_close(budget.orth_loss(ours, None), out.loss - task)
+
+
+def _train_args(env: dict[str, Path], out: Path) -> list[str]:
+    return [
+        *["train", "--model", str(env["model"]), "--data_dir", str(env["data"])],
+        *["--output_dir", str(out), "--variant", "adalora", "--rank", str(INIT_R)],
+        *["--target_r", "2", "--tinit", "2", "--tfinal", "3", "--batch_size", "8"],
+        *["--num_epochs", "3", "--max_length", "32", "--precision", "fp32"],
+        *["--learning_rate", "1e-2", "--dropout", "0"],
+    ]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from conftest import save_tiny_model_dir, write_sentiment_rows
+
+    root = tmp_path_factory.mktemp("adalora")
+    write_sentiment_rows(root / "data" / "sst2" / "train.tsv", 48, seed=0)
+    write_sentiment_rows(root / "data" / "sst2" / "validation.tsv", 16, seed=1)
+    return {"model": save_tiny_model_dir(root / "model"), "data": root / "data", "root": root}
+
+
+def test_training_adalora_ends_at_the_target_budget_and_peft_reads_the_adapter(
+    env: dict[str, Path], tmp_path: Path, peft
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.models import load_adapted_model
+
+    out = tmp_path / "run"
+    assert main(_train_args(env, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    ranks = summary["adalora_ranks"]
+    assert sum(ranks.values()) == 2 * len(ranks) == summary["adalora_budget"]["end"]
+    assert summary["adalora_budget"]["start"] == INIT_R * len(ranks)
+    assert (out / "adalora_ranks.png").read_bytes()[:4] == b"\x89PNG"
+    written = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert {k.removesuffix(".lora_E"): sum(v) for k, v in written["rank_pattern"].items()} == ranks
+    ours, tokenizer, _ = load_adapted_model(out / "final")
+    base = AutoModelForSequenceClassification.from_pretrained(env["model"])
+    theirs = peft.PeftModel.from_pretrained(base, out / "final").eval()
+    inputs = tokenizer(["good movie", "awful plot"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(**inputs).logits, theirs(**inputs).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_ctrl_c_then_resume_reproduces_an_adalora_run(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from lorakit.train import Loop
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(_train_args(env, full)) == 0
+    original = Loop._optimizer_step
+
+    def step_then_signal(self: Loop) -> None:
+        original(self)
+        if self.state.global_step + 1 == 10:  # mid budget: some triplets masked
+            signal.raise_signal(signal.SIGINT)
+
+    with monkeypatch.context() as m:
+        m.setattr(Loop, "_optimizer_step", step_then_signal)
+        assert main(_train_args(env, split)) == 130
+    assert main(["train", "--resume", "--output_dir", str(split)]) == 0
+    a = load_file(str(full / "final" / "adapter_model.safetensors"))
+    b = load_file(str(split / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    configs = [json.loads((d / "final" / "adapter_config.json").read_text()) for d in (full, split)]
+    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (full, split)]
+    assert summaries[0]["adalora_ranks"] == summaries[1]["adalora_ranks"]

@@ -48,6 +48,7 @@ LAYERS = {
         "checkpoint",
         "train",
         "loop",
+        "budget",
         "doctor",
         "multi",
         "batcher",

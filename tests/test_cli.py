@@ -120,5 +120,5 @@ def test_eval_help_speaks_of_evaluation(capsys: pytest.CaptureFixture[str]) -> N
 def test_train_help_lists_the_aliases(capsys: pytest.CaptureFixture[str]) -> None:
     text = _help(capsys, "train")
     assert "--num_epochs INT, --num_train_epochs INT number of passes" in text
-    assert "--rank INT, --lora_r INT LoRA rank" in text
+    assert "--rank INT, --lora_r INT, --init_r INT LoRA rank" in text
     assert "--overwrite, --no_overwrite allow writing" in text

@@ -18,6 +18,8 @@ One adapter kind behind the adapter protocol (see ``lorakit.lora``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -66,6 +68,9 @@ class AdaLoRALayer(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.schedule: dict[str, Any] = {"init_r": init_r}  # the config's training keys
         self.mask: list[bool] = [True] * rank + [False] * (init_r - rank)  # kept triplets
+        # While training, the tensors keep all init_r triplets (masked ones have Λ = 0) and an
+        # adapter file drops the masked ones; a checkpoint keeps them all (``untrimmed``).
+        self.untrimmed = False
 
     def scaled_A(self) -> torch.Tensor:
         """``A ⊙ E`` (rank, in): the right singular vectors times their singular values."""
@@ -91,6 +96,19 @@ class AdaLoRALayer(nn.Module):
         """The rank the file holds for ``name``: its kept triplets, else ``init_r``."""
         mask = (config.get("rank_pattern") or {}).get(f"{name}.lora_E")
         return sum(bool(m) for m in mask) if mask is not None else int(config["init_r"])
+
+    @classmethod
+    def add_to(
+        cls, layer: Host, name: str, init_r: int, alpha: float, dropout: float = 0.0
+    ) -> AdaLoRALayer:
+        """A new adapter of this kind (Λ = 0: no update yet) under ``name``, made active."""
+        new = cls(layer.in_features, layer.out_features, init_r, alpha, init_r, dropout)
+        layer.register(name, new)
+        return new
+
+    def _trims(self) -> bool:
+        """Whether a file drops masked triplets: training-sized tensors, some masked."""
+        return not self.untrimmed and self.rank == self.init_r and not all(self.mask)
 
     @classmethod
     def attach(
@@ -145,7 +163,10 @@ class AdaLoRALayer(nn.Module):
             "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             "bias": bias,
             "init_lora_weights": True,
-            "rank_pattern": {f"{n}.lora_E": a.mask for n, a in ada},
+            "rank_pattern": {
+                f"{n}.lora_E": a.mask if a._trims() or a.rank < a.init_r else [True] * a.init_r
+                for n, a in ada
+            },
         }
 
     def output(self, layer: Host, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +202,25 @@ class AdaLoRALayer(nn.Module):
         return (w.float() + self.delta_weight()).to(w.dtype), bias
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
+        """PEFT's tensors for a file: the kept triplets only (PEFT's ``rank_pattern`` trim)."""
+        a, e, b = self.lora_A, self.lora_E, self.lora_B
+        if self._trims():
+            keep = torch.tensor(self.mask, device=a.device)
+            return {"lora_A": a[keep], "lora_E": e[keep], "lora_B": b[:, keep]}
+        return {"lora_A": a, "lora_E": e, "lora_B": b}
+
+
+@contextmanager
+def untrimmed(model: nn.Module) -> Iterator[None]:
+    """Adapter files written meanwhile keep every triplet (a checkpoint: exact resume)."""
+    layers = [m for m in model.modules() if isinstance(m, AdaLoRALayer)]
+    for layer in layers:
+        layer.untrimmed = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.untrimmed = False
 
 
 def as_plain_lora(

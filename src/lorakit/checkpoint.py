@@ -105,13 +105,21 @@ def restore_rng(rng: dict[str, Any], rank: int = 0) -> None:
 
 
 def save_checkpoint(
-    directory: Path, opt: Optimization, state: LoopState, rng: dict[str, Any], base_model: str
+    directory: Path,
+    opt: Optimization,
+    state: LoopState,
+    rng: dict[str, Any],
+    base_model: str,
+    stateful: dict[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint atomically: adapter (or, without LoRA layers, the trained tensors),
-    optimizer, scheduler, scaler, RNG, position."""
+    optimizer, scheduler, scaler, RNG, position, and each ``stateful`` hook's ``state_dict``."""
+    from lorakit.adalora import untrimmed
+
     with atomic_dir(directory) as tmp:
         if _has_lora(opt.model):
-            save_adapter(opt.model, tmp / "adapter", base_model_name_or_path=base_model)
+            with untrimmed(opt.model):  # AdaLoRA: every triplet, masked ones too
+                save_adapter(opt.model, tmp / "adapter", base_model_name_or_path=base_model)
         else:
             _save_trained(opt.model, tmp / TRAINED_NAME)
         torch.save(
@@ -120,14 +128,18 @@ def save_checkpoint(
                 "scheduler": opt.scheduler.state_dict(),
                 "scaler": opt.scaler.state_dict(),
                 "rng": rng,
+                "hooks": {name: hook.state_dict() for name, hook in (stateful or {}).items()},
             },
             tmp / TENSORS_NAME,
         )
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=1))
 
 
-def load_checkpoint(directory: Path, opt: Optimization) -> tuple[LoopState, dict[str, Any]]:
-    """Restore ``opt``'s objects in place; return the loop state and the RNG states."""
+def load_checkpoint(
+    directory: Path, opt: Optimization, stateful: dict[str, Any] | None = None
+) -> tuple[LoopState, dict[str, Any]]:
+    """Restore ``opt``'s objects and the ``stateful`` hooks in place; return the loop state
+    and the RNG states."""
     recover(directory)  # a crash mid-swap left the previous checkpoint aside: put it back
     if not (directory / STATE_NAME).is_file():
         raise LoraKitError(f"nothing to resume: {directory} holds no checkpoint")
@@ -150,6 +162,10 @@ def load_checkpoint(directory: Path, opt: Optimization) -> tuple[LoopState, dict
     opt.scheduler.load_state_dict(blob["scheduler"])
     if blob.get("scaler"):
         opt.scaler.load_state_dict(blob["scaler"])
+    for name, hook in (stateful or {}).items():
+        if name not in blob.get("hooks", {}):
+            raise LoraKitError(f"{directory} holds no {name} state to resume: start over")
+        hook.load_state_dict(blob["hooks"][name])
     state = LoopState(**json.loads((directory / STATE_NAME).read_text()))
     rng = blob["rng"] if isinstance(blob["rng"], dict) else {"cpu": blob["rng"]}
     return state, rng

@@ -49,7 +49,7 @@ def _help(text: str, **kw: Any) -> Any:
 
 @dataclass
 class LoraSettings:
-    rank: int = _help("LoRA rank r", default=8)
+    rank: int = _help("LoRA rank r (adalora: init_r, the rank every layer starts at)", default=8)
     alpha: float = _help("LoRA scaling alpha (update is scaled by alpha/rank)", default=16.0)
     dropout: float = _help("dropout on the LoRA branch input", default=0.05)
     target_modules: TargetModules = _help(
@@ -59,9 +59,11 @@ class LoraSettings:
         "all-linear (every linear layer but the task head)",
         default_factory=lambda: ["query", "key", "value", "dense"],
     )
-    variant: Literal["lora", "dora", "ia3"] = _help(
+    variant: Literal["lora", "dora", "ia3", "adalora"] = _help(
         "lora; dora (a trained magnitude per output row on top of LoRA); ia3 (learned scaling "
-        "vectors instead of low-rank matrices: rank, alpha and dropout do not apply)",
+        "vectors instead of low-rank matrices: rank, alpha and dropout do not apply); adalora "
+        "(SVD-shaped updates whose rank moves where it helps: rank is each layer's initial "
+        "rank, init_r, and target_r the average rank at the end)",
         default="lora",
     )
     use_rslora: bool = _help(
@@ -74,11 +76,22 @@ class LoraSettings:
         "ia3: the targets whose input (not output) is scaled",
         default_factory=lambda: ["output.dense"],
     )
+    target_r: int = _help("adalora: the average rank per layer after budgeting", default=4)
+    tinit: int = _help("adalora: steps before the budget starts to shrink", default=0)
+    tfinal: int = _help("adalora: last steps trained at the final budget", default=0)
+    deltaT: int = _help("adalora: steps between two budget allocations", default=1)  # noqa: N815
+    beta1: float = _help("adalora: EMA factor of the importance (sensitivity)", default=0.85)
+    beta2: float = _help("adalora: EMA factor of its uncertainty", default=0.85)
+    orth_reg_weight: float = _help(
+        "adalora: weight of the orthogonality regulariser on P and Q", default=0.5
+    )
 
     def describe(self) -> str:
         """The variant in words, for the banner: "DoRA r=8", "rsLoRA r=8 + LoRA+ x16", "IA³"."""
         if self.variant == "ia3":
             return "IA³"
+        if self.variant == "adalora":
+            return f"AdaLoRA r={self.rank}->{self.target_r}"
         name = "DoRA" if self.variant == "dora" else "rsLoRA" if self.use_rslora else "LoRA"
         if self.variant == "dora" and self.use_rslora:
             name = "DoRA (rsLoRA scaling)"
@@ -95,6 +108,24 @@ class LoraSettings:
         _require(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}")
         _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
         _require(bool(self.target_modules), "lora.target_modules must not be empty")
+        if self.variant == "adalora":
+            self._check_adalora()
+
+    def _check_adalora(self) -> None:
+        _require(
+            0 < self.target_r <= self.rank,
+            f"lora.target_r must be in 1..rank ({self.rank}), got {self.target_r}",
+        )
+        _require(self.tinit >= 0 and self.tfinal >= 0, "lora.tinit and lora.tfinal must be >= 0")
+        _require(self.deltaT >= 1, f"lora.deltaT must be >= 1, got {self.deltaT}")
+        _require(
+            0 < self.beta1 < 1 and 0 < self.beta2 < 1, "lora.beta1 and lora.beta2 must be in (0, 1)"
+        )
+        _require(self.orth_reg_weight >= 0, "lora.orth_reg_weight must be >= 0")
+        _require(
+            not (self.use_rslora or self.loraplus_lr_ratio),
+            "lora.use_rslora and lora.loraplus_lr_ratio do not apply to variant adalora",
+        )
 
 
 @dataclass
@@ -229,7 +260,7 @@ ALIASES = {
     "training.num_epochs": ("num_train_epochs",),
     "training.batch_size": ("per_device_train_batch_size",),
     "training.eval_batch_size": ("per_device_eval_batch_size",),
-    "lora.rank": ("lora_r",),
+    "lora.rank": ("lora_r", "init_r"),
     "lora.alpha": ("lora_alpha",),
     "lora.dropout": ("lora_dropout",),
 }

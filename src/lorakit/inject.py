@@ -173,6 +173,28 @@ def _wrap_each(
     return replaced
 
 
+def apply_adalora_to_model(
+    model: nn.Module,
+    target_modules: Targets,
+    init_r: int = 12,
+    alpha: float = 8.0,
+    dropout: float = 0.0,
+) -> list[str]:
+    """Wrap every targeted layer with an AdaLoRA update of rank ``init_r`` (Λ = 0), in place.
+
+    Returns:
+        The names of the modules that were replaced by this call.
+    """
+    from lorakit.adalora import AdaLoRALayer
+
+    def wrap(_: str, module: nn.Module) -> LinearWithLoRA:
+        wrapper = LinearWithLoRA(module, None)
+        AdaLoRALayer.add_to(wrapper, DEFAULT_ADAPTER, init_r, alpha, dropout)
+        return wrapper
+
+    return _wrap_each(model, target_modules, wrap)
+
+
 IA3_TARGETS = ["key", "value", "output.dense"]  # PEFT's default for BERT-family models
 IA3_FEEDFORWARD = ["output.dense"]
 

@@ -59,10 +59,9 @@ class Hooks:
 
     Exact resume: the checkpoint holds the model, optimizer, scheduler, loop position and the
     random generators as each step left them (what loss terms and step hooks draw included;
-    listeners should draw nothing), but none of a hook's own state. A hook that keeps state
-    across steps (running averages, a schedule) is not exactly resumed yet: the place for it
-    is a ``state_dict``/``load_state_dict`` pair on the hook that ``checkpoint.py`` saves and
-    restores beside the optimizer's, when the first such hook (AdaLoRA's) arrives.
+    listeners should draw nothing). A hook that keeps state across steps (running averages,
+    a schedule) puts an object with ``state_dict``/``load_state_dict`` in ``stateful`` under
+    a name: the checkpoint saves and restores it beside the optimizer (AdaLoRA's budget).
     """
 
     loss_terms: list[LossTerm] = field(default_factory=list)
@@ -70,6 +69,7 @@ class Hooks:
     after_step: list[StepHook] = field(default_factory=list)
     on_eval: list[Listener] = field(default_factory=list)
     on_train_log: list[Listener] = field(default_factory=list)
+    stateful: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -380,6 +380,7 @@ class Loop:
                 self.state,
                 {**rngs[0], "ranks": rngs} if len(rngs) > 1 else rngs[0],
                 canonical_name(self.job.config.model_name),
+                self.job.hooks.stateful,
             )
         world.barrier()  # no process goes on (or ends) before the checkpoint is whole
 

@@ -1,5 +1,5 @@
-"""Training curves (loss on the left, accuracy on the right, train vs eval vs dev) and the
-sweep's metric against its first swept axis."""
+"""Training curves (loss on the left, accuracy on the right, train vs eval vs dev), the
+sweep's metric against its first swept axis, and AdaLoRA's rank per layer over training."""
 
 from __future__ import annotations
 
@@ -27,6 +27,24 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ranks(history: list[tuple[int, list[int]]], layers: list[str], path: Path) -> None:
+    """Write ``adalora_ranks.png``: each layer's rank (rows) from each step it changed at."""
+    import numpy as np
+
+    steps = [step for step, _ in history] + [history[-1][0] + 1]
+    ranks = np.array([r for _, r in history], dtype=float).T  # (layers, changes)
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.14 * len(layers) + 1.5)))
+    mesh = ax.pcolormesh(steps, np.arange(len(layers) + 1), ranks, cmap="viridis", shading="flat")
+    ax.set_yticks(np.arange(len(layers)) + 0.5, labels=layers, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("optimizer step")
+    ax.set_title("AdaLoRA: rank of each layer")
+    fig.colorbar(mesh, ax=ax, label="rank")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,11 +7,13 @@ metrics.jsonl, training_log.txt, training_curves.png and summary.json.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 import resource
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,16 @@ from lorakit.data import Encoded, Examples, encode, hold_out, load_examples
 from lorakit.distributed import World, start
 from lorakit.dropout import use_fast_dropout
 from lorakit.errors import LoraKitError
-from lorakit.inject import apply_ia3_to_model, apply_lora_to_model, quantize_base
+from lorakit.inject import (
+    apply_adalora_to_model,
+    apply_ia3_to_model,
+    apply_lora_to_model,
+    quantize_base,
+)
 from lorakit.loop import Hooks, Interrupted, Loop, Run, task_name
 from lorakit.models import load_model, load_tokenizer
 from lorakit.paths import check_writable
-from lorakit.plots import plot_training_curves
+from lorakit.plots import plot_ranks, plot_training_curves
 from lorakit.runlog import RunLog, SilentLog
 from lorakit.runtime import amp_dtype, pick_device, precision_name, thread_governor
 from lorakit.state import (
@@ -56,6 +63,7 @@ OUTPUTS = (
     "training_curves.png",
     "summary.json",
 )
+ADALORA_PLOT = "adalora_ranks.png"  # variant adalora only: each layer's rank over training
 # The loop's names live in lorakit.loop; these are importable from here as they always were.
 __all__ = [
     "OUTPUTS",
@@ -91,7 +99,7 @@ def check_output_dir(config: Config) -> Path:
 
 def clear_outputs(out: Path) -> None:
     """Remove a previous run's files (only lorakit's own) before a fresh run writes its own."""
-    for name in OUTPUTS:
+    for name in (*OUTPUTS, ADALORA_PLOT):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -140,6 +148,8 @@ def build_model(config: Config, label_names: tuple[str, ...], device: torch.devi
         mark_only_lora_as_trainable(model)  # no LoRA layers: the head alone
     elif lora.variant == "ia3":
         apply_ia3_to_model(model, lora.target_modules, lora.feedforward_modules)
+    elif lora.variant == "adalora":
+        apply_adalora_to_model(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout)
     else:
         apply_lora_to_model(
             model,
@@ -260,6 +270,19 @@ def build_run(config: Config, world: World, hooks: Hooks | None = None) -> Run:
     if world.size > 1:
         torch.manual_seed(t.seed + world.rank)  # the same LoRA init, other dropout masks
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # The caller's hooks, copied: the run adds its own (AdaLoRA's) to the copy.
+    hooks = (
+        Hooks(**{f.name: copy.copy(getattr(hooks, f.name)) for f in fields(Hooks)})
+        if hooks
+        else Hooks()
+    )
+    if config.method == "lora" and config.lora.variant == "adalora":
+        from lorakit.budget import RankBudget
+
+        budget = RankBudget(model, config.lora, total_steps)
+        hooks.loss_terms.append(budget.orth_loss)
+        hooks.after_step.append(budget.step)
+        hooks.stateful["adalora"] = budget
     return Run(
         config=config,
         out=Path(t.output_dir),
@@ -274,14 +297,14 @@ def build_run(config: Config, world: World, hooks: Hooks | None = None) -> Run:
         dev_data=dev_data,
         tokenizer=tokenizer,
         governor=thread_governor() if device.type == "cpu" else None,
-        hooks=hooks or Hooks(),
+        hooks=hooks,
     )
 
 
 def _resume(run: Run, log: RunLog) -> LoopState:
     """The loop state, model, optimizer and generators as the checkpoint left them."""
     out = run.out
-    state, rng = load_checkpoint(out / "checkpoint", run.opt)
+    state, rng = load_checkpoint(out / "checkpoint", run.opt, run.hooks.stateful)
     restore_rng(rng, run.world.rank)
     if not state.global_batch:  # written before positions counted steps, not batches
         state.batch_in_epoch //= _saved_config(out)["training"]["gradient_accumulation_steps"]
@@ -319,8 +342,14 @@ def _finish(
     config, out, metric = run.config, run.out, run.examples.metric
     summary = _summary(config, state, stats, last_eval, metric)
     summary["precision"] = precision_name(run.dtype)
+    budget = run.hooks.stateful.get("adalora")
+    if budget is not None:
+        summary["adalora_ranks"] = budget.final_ranks()
+        summary["adalora_budget"] = {"start": budget.init_bgt, "end": sum(budget.ranks())}
     if run.world.is_main:
         plot_training_curves(state.history, out / "training_curves.png")
+        if budget is not None and budget.history:
+            plot_ranks(budget.history, list(budget.final_ranks()), out / ADALORA_PLOT)
         write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     chosen = (
         f"Best dev {metric} {state.best_metric:.4f} (epoch {state.best_epoch}), "
