@@ -32,11 +32,14 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_ranks(history: list[tuple[int, list[int]]], layers: list[str], path: Path) -> None:
-    """Write ``adalora_ranks.png``: each layer's rank (rows) from each step it changed at."""
+def plot_ranks(
+    history: list[tuple[int, list[int]]], layers: list[str], last_step: int, path: Path
+) -> None:
+    """Write ``adalora_ranks.png``: each layer's rank (rows) from each step it changed at,
+    to ``last_step``."""
     import numpy as np
 
-    steps = [step for step, _ in history] + [history[-1][0] + 1]
+    steps = [step for step, _ in history] + [max(last_step, history[-1][0]) + 1]
     ranks = np.array([r for _, r in history], dtype=float).T  # (layers, changes)
     fig, ax = plt.subplots(figsize=(9, max(3.0, 0.14 * len(layers) + 1.5)))
     mesh = ax.pcolormesh(steps, np.arange(len(layers) + 1), ranks, cmap="viridis", shading="flat")

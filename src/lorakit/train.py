@@ -349,7 +349,8 @@ def _finish(
     if run.world.is_main:
         plot_training_curves(state.history, out / "training_curves.png")
         if budget is not None and budget.history:
-            plot_ranks(budget.history, list(budget.final_ranks()), out / ADALORA_PLOT)
+            layers = list(budget.final_ranks())
+            plot_ranks(budget.history, layers, state.global_step, out / ADALORA_PLOT)
         write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     chosen = (
         f"Best dev {metric} {state.best_metric:.4f} (epoch {state.best_epoch}), "
