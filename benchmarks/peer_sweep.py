@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -44,24 +45,35 @@ def recipe(path: Path) -> dict:
     }
 
 
-def peft_model(recipe: dict, rank: int):  # noqa: ANN201
-    """The recipe's base model wrapped by PEFT's LoRA on the layers lorakit would wrap."""
-    from peft import LoraConfig, get_peft_model
+def peft_model(recipe: dict, rank: int, adalora: dict | None = None):  # noqa: ANN201
+    """The recipe's base model wrapped by PEFT's LoRA (or, given ``adalora``'s schedule,
+    AdaLoRA with ``rank`` as init_r) on the layers lorakit would wrap."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     from lorakit.inject import resolve_targets
     from lorakit.models import load_model
 
     model = load_model(recipe["model"], {0: "negative", 1: "positive"})
-    return get_peft_model(
-        model,
-        LoraConfig(
-            task_type="SEQ_CLS",
-            r=rank,
-            lora_alpha=recipe["alpha"],
-            lora_dropout=recipe["dropout"],
-            target_modules=resolve_targets(model, recipe["target_modules"]),
-        ),
-    )
+    common = {
+        "task_type": "SEQ_CLS",
+        "lora_alpha": recipe["alpha"],
+        "lora_dropout": recipe["dropout"],
+        "target_modules": resolve_targets(model, recipe["target_modules"]),
+    }
+    if adalora:
+        return get_peft_model(model, AdaLoraConfig(init_r=rank, **adalora, **common))
+    return get_peft_model(model, LoraConfig(r=rank, **common))
+
+
+def adalora_callback():  # noqa: ANN201
+    """PEFT's AdaLoRA step: update_and_allocate after the optimizer, before zero_grad."""
+    from transformers import TrainerCallback
+
+    class Allocate(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+            model.base_model.update_and_allocate(state.global_step + 1)
+
+    return Allocate()
 
 
 def datasets(
@@ -99,7 +111,14 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
 
     tokenizer, train_ds, eval_sets = data
     torch.manual_seed(seed)
-    model = peft_model(args.recipe, args.rank)
+    steps = math.ceil(len(train_ds) / args.recipe["batch_size"]) * math.ceil(args.epochs)
+    adalora = (
+        {"target_r": args.target_r, "tinit": args.tinit, "tfinal": args.tfinal,
+         "deltaT": args.deltaT, "total_step": steps}
+        if args.variant == "adalora"
+        else None
+    )  # fmt: skip
+    model = peft_model(args.recipe, args.rank, adalora)
     bf16 = bf16_fast(torch.device("cpu"))
 
     def accuracy(pred) -> dict:  # noqa: ANN001
@@ -130,6 +149,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
         eval_dataset=eval_sets,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
+        callbacks=[adalora_callback()] if adalora else None,
     )
     start = time.perf_counter()
     out = trainer.train()
@@ -147,6 +167,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
     best = max(evals, key=lambda e: (e["dev"], -e["step"]))  # the first best, as lorakit
     return {
         "model": args.recipe["model"],
+        "variant": args.variant,
         "rank": args.rank,
         "learning_rate": lr,
         "seed": seed,
@@ -196,6 +217,11 @@ def main() -> None:
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "sst2_minilm.yaml")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha: the config's)")
+    p.add_argument("--variant", choices=["lora", "adalora"], default="lora")
+    p.add_argument("--target_r", type=int, default=8, help="adalora: as lorakit's --target_r")
+    p.add_argument("--tinit", type=int, default=0)
+    p.add_argument("--tfinal", type=int, default=0)
+    p.add_argument("--deltaT", type=int, default=1)  # noqa: N815
     p.add_argument("--learning_rates", default="5e-4,1e-3,2e-3")
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=float, default=1)

@@ -72,9 +72,9 @@ def _base(model_name: str, storage: str):  # noqa: ANN202
     lora = config.lora
     apply_lora_to_model(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout)
     mark_only_lora_as_trainable(model)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # the adapter and head train in fp32 on every base
+    for name, p in model.named_parameters():
+        if ".adapters." in name:
+            p.data = p.data.float()  # LoRA trains in fp32 on every base; the head is the base's
     stats = {}
     if storage in ("int8", "nf4", "nf4-bf16"):
         stats = quantize_base(model, storage[:4])
