@@ -40,7 +40,7 @@ parameters = { "path.name" = { dictionary = "adapters", probability = 0.7 } }
 # A batch past --max_client_batch_size breaks the schema's maxItems and is answered 413, TEI's
 # status for it, which schemathesis' list of rejections lacks.
 [[operations]]
-include-path-regex = "^/(predict|models/)"
+include-path-regex = "^/(predict|models/|$)"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "413", "422", "429"]
 checks.negative_data_rejection.expected-statuses = ["400", "404", "405", "413", "422", "429"]
 
@@ -127,6 +127,7 @@ def test_document_lists_every_status_and_media_type(url: str) -> None:
     assert statuses == {
         ("POST", "/predict"): ["200", "404", "413", "422", "424", "429"],
         ("POST", "/models/{name}"): ["200", "404", "413", "422", "424", "429"],
+        ("POST", "/"): ["200", "404", "413", "422", "424", "429"],
         ("GET", "/v1/adapters"): ["200"],
         ("POST", "/v1/load_lora_adapter"): ["200", "400", "403", "413", "422"],
         ("POST", "/v1/unload_lora_adapter"): ["200", "404", "413", "422"],

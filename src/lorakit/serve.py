@@ -529,12 +529,28 @@ def create_app(server: Server) -> FastAPI:
         """No such path (404) or method (405): TEI's body too, not Starlette's ``detail``."""
         error_type = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "validation")
         body = {"error": str(e.detail), "error_type": error_type}
-        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
+        headers = dict(e.headers or {})
+        if e.status_code == 405:  # Starlette names the first route's methods; "/" has two
+            headers["Allow"] = _allowed(app, request.url.path)
+        return JSONResponse(body, status_code=e.status_code, headers=headers)
 
     _classify_routes(app, server)
     _adapter_routes(app, server)
     _status_routes(app, server)
     return app
+
+
+def _allowed(app: FastAPI, path: str) -> str:
+    """Every method some route serves at ``path``, for a 405's Allow header."""
+    from starlette.routing import Route
+
+    methods = {
+        m
+        for r in app.routes
+        if isinstance(r, Route) and r.methods and r.path_regex.match(path)
+        for m in r.methods
+    }
+    return ", ".join(sorted(methods))
 
 
 def _classify_routes(app: FastAPI, server: Server) -> None:
