@@ -77,7 +77,7 @@ def _base(model_name: str, storage: str):  # noqa: ANN202
             p.data = p.data.float()  # LoRA trains in fp32 on every base; the head is the base's
     stats = {}
     if storage in ("int8", "nf4", "nf4-bf16"):
-        stats = quantize_base(model, storage[:4])
+        stats = quantize_base(model, storage.split("-")[0])
     gc.collect()
     return model, config, stats
 
@@ -137,7 +137,7 @@ def child_serve(model_name: str, storage: str, data_dir: str) -> dict:
         save_adapter(model, tmp, base_model_name_or_path=config.model_name, task="sst2")
         del model
         gc.collect()
-        quantize = storage[:4] if storage in ("int8", "nf4", "nf4-bf16") else "none"
+        quantize = storage.split("-")[0] if storage in ("int8", "nf4", "nf4-bf16") else "none"
         precision = "bf16" if storage == "nf4-bf16" else "fp32"
         adapters = AdapterSet(config.model_name, precision=precision, quantize_base=quantize)
         adapters.load("sst2", tmp)
