@@ -267,6 +267,10 @@ def test_training_adalora_ends_at_the_target_budget_and_peft_reads_the_adapter(
     assert sum(ranks.values()) == 2 * len(ranks) == summary["adalora_budget"]["end"]
     assert summary["adalora_budget"]["start"] == INIT_R * len(ranks)
     assert (out / "adalora_ranks.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        f"AdaLoRA: {INIT_R * len(ranks)} → {2 * len(ranks)} triplets"
+        in (out / "training_log.txt").read_text()
+    )
     written = json.loads((out / "final" / "adapter_config.json").read_text())
     assert {k.removesuffix(".lora_E"): sum(v) for k, v in written["rank_pattern"].items()} == ranks
     ours, tokenizer, _ = load_adapted_model(out / "final")

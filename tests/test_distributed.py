@@ -114,6 +114,22 @@ def test_two_processes_of_8_equal_one_of_16(env: dict[str, Path], tmp_path: Path
     assert log.count("🚀") == 1 and "x 2 processes" in log
 
 
+def test_adalora_processes_mask_as_one_does(env: dict[str, Path], tmp_path: Path) -> None:
+    """Every process scores the triplets on the all-reduced gradients: the masks agree, so two
+    processes of 8 train the same adapter, and keep the same ranks, as one of 16."""
+    adalora = ["--variant", "adalora", "--target_r", "2", "--tinit", "1", "--tfinal", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(env, one, "small", "--batch_size", "16", *adalora)) == 0
+    job = _torchrun(_args(env, two, "small", "--batch_size", "8", *adalora))
+    _, stderr = job.communicate(timeout=LAUNCH_TIMEOUT)
+    assert job.returncode == 0, stderr
+    _assert_same_run(one, two)
+    ranks = [json.loads((d / "summary.json").read_text())["adalora_ranks"] for d in (one, two)]
+    assert ranks[0] == ranks[1] and sum(ranks[0].values()) == 2 * len(ranks[0])
+    patterns = [json.loads((d / "final" / "adapter_config.json").read_text()) for d in (one, two)]
+    assert patterns[0]["rank_pattern"] == patterns[1]["rank_pattern"]
+
+
 def _worker(torchrun_pid: int, rank: int) -> int:
     """The pid of torchrun's child process of ``rank`` (read from its environment)."""
     for status in Path("/proc").glob("[0-9]*/status"):

@@ -358,6 +358,12 @@ def _finish(
         if run.dev_data is not None
         else f"Best eval {metric} {state.best_metric:.4f} (epoch {state.best_epoch})"
     )
+    if budget is not None:
+        ranks = list(summary["adalora_ranks"].values())
+        log.line(
+            f"  AdaLoRA: {budget.init_bgt} → {sum(ranks)} triplets, ranks {min(ranks)}-"
+            f"{max(ranks)} per layer (summary.json: adalora_ranks; {ADALORA_PLOT})"
+        )
     log.line(
         f"✅ Done. {chosen}; {summary['train_examples_per_sec']:.1f} examples/s; files in {out}"
     )
