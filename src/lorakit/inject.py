@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LoraKitError
-from lorakit.quant import QUANT_KINDS, QuantLinear
+from lorakit.quant import QUANT_KINDS, QuantLinear, release_freed_memory
 from lorakit.targets import AUTO, FAMILIES, attention_targets, auto_targets, family_names
 from lorakit.wrapper import DEFAULT_ADAPTER, LinearWithLoRA
 
@@ -255,6 +255,8 @@ def quantize_base(model: nn.Module, kind: str) -> dict[str, int]:
             module.base_layer = quantized
         else:
             set_submodule(model, name, quantized)
+        del base, weight, module
+    release_freed_memory()
     return stats
 
 

@@ -108,6 +108,23 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"codes": torch.round(w / scale[:, None]).to(torch.int8), "scale": scale}
 
 
+def release_freed_memory() -> None:
+    """Give the heap that freed full-precision weights held back to the OS (glibc's
+    ``malloc_trim``): without it the process keeps their size in RSS after quantizing."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to give back this way
+        pass
+
+
 class _DequantLinear(torch.autograd.Function):
     """``x Wᵀ + b`` with ``W`` dequantized in forward and again in backward, never saved."""
 
