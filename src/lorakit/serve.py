@@ -582,11 +582,7 @@ def _classify_routes(app: FastAPI, server: Server) -> None:
         openapi_extra=_body("InferenceBody", limit),
     )
     async def hf_inference(name: str, request: Request) -> Response:
-        try:
-            body = await body_of(request)
-        except ApiError as e:
-            return error_response(e)
-        return await server.run("models", name, lambda: server.hf_inference(name, body))
+        return await inference("models", name, request)
 
     @app.post(
         "/",
@@ -595,11 +591,15 @@ def _classify_routes(app: FastAPI, server: Server) -> None:
     )
     async def root(request: Request) -> Response:
         """TEI's root route: the default adapter, so InferenceClient("http://host:port") works."""
+        return await inference("root", None, request)
+
+    async def inference(route: str, name: str | None, request: Request) -> Response:
+        """The Inference API's body on adapter ``name`` (None: the default)."""
         try:
             body = await body_of(request)
         except ApiError as e:
             return error_response(e)
-        return await server.run("root", None, lambda: server.hf_inference(None, body))
+        return await server.run(route, name, lambda: server.hf_inference(name, body))
 
 
 def _adapter_routes(app: FastAPI, server: Server) -> None:
