@@ -29,9 +29,12 @@ from pathlib import Path
 
 from train_throughput import ROOT, cpu_name
 
-# nf4-bf16: an nf4 base with bf16 autocast compute (the paper's setup; the others compute in
-# their storage dtype: fp32, or bf16 for the bf16 base).
-STORAGES = ("fp32", "bf16", "int8", "nf4", "nf4-bf16")
+# bf16: the frozen base stored and run in bf16, LoRA and the head fp32 (``--base_dtype bf16``,
+# ``lorakit.state.store_frozen_as``). nf4-bf16: an nf4 base with bf16 autocast compute over an
+# fp32 rest. nf4-bf16base: an nf4 base whose other frozen tensors (embeddings, LayerNorms) are
+# bf16 and which dequantizes to bf16 (``--quantize_base nf4 --base_dtype bf16``: the QLoRA
+# setup). The others compute in fp32.
+STORAGES = ("fp32", "bf16", "int8", "nf4", "nf4-bf16", "nf4-bf16base")
 OUT = ROOT / "benchmarks" / "results" / "qlora_memory.json"
 
 
@@ -64,20 +67,20 @@ def _base(model_name: str, storage: str):  # noqa: ANN202
     from lorakit.config import load_config
     from lorakit.inject import apply_lora_to_model, quantize_base
     from lorakit.models import load_model
-    from lorakit.state import mark_only_lora_as_trainable
+    from lorakit.quant import release_freed_memory
+    from lorakit.state import mark_only_lora_as_trainable, store_frozen_as
 
     config = load_config(ROOT / "configs" / f"sst2_{model_name}.yaml")
-    dtype = torch.bfloat16 if storage == "bf16" else torch.float32
-    model = load_model(config.model_name, {0: "negative", 1: "positive"}, dtype=dtype)
+    model = load_model(config.model_name, {0: "negative", 1: "positive"})
     lora = config.lora
     apply_lora_to_model(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout)
     mark_only_lora_as_trainable(model)
-    for name, p in model.named_parameters():
-        if ".adapters." in name:
-            p.data = p.data.float()  # LoRA trains in fp32 on every base; the head is the base's
     stats = {}
-    if storage in ("int8", "nf4", "nf4-bf16"):
+    if storage.split("-")[0] in ("int8", "nf4"):
         stats = quantize_base(model, storage.split("-")[0])
+    if storage in ("bf16", "nf4-bf16base"):  # as train's --base_dtype bf16 does it
+        store_frozen_as(model, torch.bfloat16)
+        release_freed_memory()
     gc.collect()
     return model, config, stats
 
@@ -137,7 +140,7 @@ def child_serve(model_name: str, storage: str, data_dir: str) -> dict:
         save_adapter(model, tmp, base_model_name_or_path=config.model_name, task="sst2")
         del model
         gc.collect()
-        quantize = storage.split("-")[0] if storage in ("int8", "nf4", "nf4-bf16") else "none"
+        quantize = storage.split("-")[0] if storage.split("-")[0] in ("int8", "nf4") else "none"
         precision = "bf16" if storage == "nf4-bf16" else "fp32"
         adapters = AdapterSet(config.model_name, precision=precision, quantize_base=quantize)
         adapters.load("sst2", tmp)
@@ -186,6 +189,7 @@ def main() -> None:
     p.add_argument("--storages", nargs="+", default=list(STORAGES), choices=STORAGES)
     p.add_argument("--jobs", nargs="+", default=["train", "serve"], choices=["train", "serve"])
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=OUT, help="where the records go (JSON)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -200,7 +204,7 @@ def main() -> None:
     for model in args.models:
         for storage in args.storages:
             for job in args.jobs:
-                if job == "serve" and storage == "bf16":
+                if job == "serve" and storage in ("bf16", "nf4-bf16base"):
                     continue  # serve keeps fp32 weights; its bf16 is autocast (--precision)
                 cmd = [sys.executable, __file__, "--child", model, storage, job]
                 cmd += ["--data_dir", args.data_dir, "--steps", str(args.steps)]
@@ -209,9 +213,9 @@ def main() -> None:
                 record.update(json.loads(out.strip().splitlines()[-1]))
                 print(json.dumps(record), flush=True)
                 records.append(record)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": cpu_name(), "date": datetime.date.today().isoformat(), "argv": sys.argv}
-    OUT.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    args.out.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
     print(table(records))
 
 

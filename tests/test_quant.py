@@ -3,6 +3,7 @@ an adapter trained on an nf4 base through train, predict, eval, merge and serve.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -190,6 +191,53 @@ def test_merging_a_quantized_base_means_dequantize_and_add() -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward in one training forward (activations, weights)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch, labels=torch.tensor([0, 1, 1])).loss.backward()
+    return total
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("kind", [None, "nf4"])
+def test_a_bf16_base_runs_frozen_weights_in_bf16_and_trains_fp32_tensors(
+    family: str, kind: str | None
+) -> None:
+    from lorakit.state import store_frozen_as
+
+    reference = make_model(family)
+    apply_lora_to_model(reference, "all-linear", 4, 8)
+    mark_only_lora_as_trainable(reference)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    if kind:
+        quantize_base(reference, kind)
+    model = copy.deepcopy(reference)
+    assert store_frozen_as(model, torch.bfloat16) > 0
+    for name, p in model.named_parameters():
+        want = torch.float32 if p.requires_grad else torch.bfloat16
+        assert p.dtype == want, name  # the head and LoRA fp32, every frozen tensor bf16
+    batch = make_batch()
+    out = model(**batch, output_hidden_states=True)
+    assert out.hidden_states[-1].dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    with torch.no_grad():
+        want_logits = reference(**batch).logits
+    torch.testing.assert_close(out.logits, want_logits, atol=2e-2, rtol=2e-2)
+    # What the mode is for: autograd keeps about half of fp32's bytes for backward.
+    assert _saved_bytes(model, batch) < 0.6 * _saved_bytes(reference, batch)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A LoRA run on an nf4 base, end to end through the CLI."""
@@ -264,6 +312,32 @@ def test_merge_of_an_nf4_adapter_writes_the_dequantized_model(
         torch.testing.assert_close(
             plain(**inputs).logits, quantized(**inputs).logits, atol=1e-5, rtol=1e-5
         )
+
+
+def test_training_on_a_bf16_nf4_base_learns_and_saves_fp32_adapter_tensors(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    args = ["train", "--model", str(trained["model"]), "--data_dir", str(trained["data"])]
+    out = tmp_path / "run"
+    flags = ["--quantize_base", "nf4", "--base_dtype", "bf16", "--rank", "4", "--alpha", "8"]
+    rest = ["--learning_rate", "1e-2", "--batch_size", "8", "--num_epochs", "3", "--max_length"]
+    assert main([*args, "--output_dir", str(out), *flags, *rest, "32", "--precision", "fp32"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base_dtype"] == "bf16" and summary["quantize_base"] == "nf4"
+    assert summary["best_eval_accuracy"] > 0.75
+    assert "nf4 bf16 base" in (out / "training_log.txt").read_text()
+    tensors = load_file(out / "best" / "adapter_model.safetensors")
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    # It predicts on the full-precision base like any adapter.
+    assert Predictor.from_adapter(out / "best", precision="fp32").predict(["good movie"])
+    # Full fine-tuning trains the base: a bf16 store of it is refused before anything is written.
+    full = tmp_path / "full"
+    refused = ["--output_dir", str(full), "--method", "full", "--base_dtype", "bf16"]
+    assert main([*args, *refused]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "method full" in err and len(err.splitlines()) == 1 and not full.exists()
 
 
 def test_quantizing_a_fully_trained_model_or_an_unknown_kind_is_refused(

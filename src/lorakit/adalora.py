@@ -81,9 +81,9 @@ class AdaLoRALayer(nn.Module):
         return (self.lora_B.float() @ self.scaled_A().float()) * self.scaling
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(self.dropout(x), self.scaled_A()), self.lora_B * self.scaling)
+        """``s · B (A ⊙ E) dropout(x)`` in ``x``'s dtype (on a bf16 base, as ``LoRALayer.down``)."""
+        a, b = self.scaled_A().to(x.dtype), (self.lora_B * self.scaling).to(x.dtype)
+        return F.linear(F.linear(self.dropout(x), a), b)
 
     # -- the adapter protocol ----------------------------------------------------------------
 

@@ -230,6 +230,12 @@ class Config:
         "head stay full precision. The adapter records it; eval, predict and serve follow it",
         default="none",
     )
+    base_dtype: Literal["fp32", "bf16"] = _help(
+        "storage and compute dtype of the frozen base (embeddings, LayerNorms, the linear "
+        "layers, or what a quantized base dequantizes to): bf16 halves its bytes and its "
+        "activations' (the QLoRA setup); LoRA and the head train in fp32 either way",
+        default="fp32",
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -239,6 +245,11 @@ class Config:
         _require(
             self.quantize_base == "none" or self.method != "full",
             f"--quantize_base {self.quantize_base} freezes the base; method full trains it",
+        )
+        _require(
+            self.base_dtype == "fp32" or self.method != "full",
+            f"--base_dtype {self.base_dtype} stores the frozen base; method full trains it "
+            "(use --precision bf16)",
         )
         _require(
             self.method == "lora" or not self.training.push_to_hub,

@@ -104,11 +104,20 @@ class LoRALayer(nn.Module):
         self.scaling = alpha / math.sqrt(self.rank) if self.use_rslora else alpha / self.rank
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
-        """``A(dropout(x))``: (*, in) -> (*, rank)."""
-        return F.linear(self.dropout(self._cast(x)), self.lora_A)
+        """``A(dropout(x))``: (*, in) -> (*, rank), in ``x``'s dtype.
+
+        On a bf16/fp16 base the LoRA math runs in that dtype, as autocast would run it, with
+        the fp32 tensors cast on the way (their gradients come back fp32): an fp32 copy of
+        every LoRA input, kept for backward, would cost more than the bf16 base saves.
+        """
+        return F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        """``scaling * B h``: (*, rank) -> (*, out), in ``h``'s dtype."""
+        return F.linear(h, self.scaled_B().to(h.dtype))
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        # Outside autocast, run in the (fp32) LoRA dtype even if x is bf16/fp16.
+        # DoRA's norms and rescaling run in the (fp32) LoRA dtype outside autocast.
         if not torch.is_autocast_enabled(x.device.type):
             return x.to(self.lora_A.dtype)
         return x
@@ -118,7 +127,7 @@ class LoRALayer(nn.Module):
         return self.lora_B * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.down(x), self.scaled_B())  # (*, rank) -> (*, out)
+        return self.up(self.down(x))  # (*, rank) -> (*, out)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32, shape (out, in)."""
@@ -249,8 +258,8 @@ class LoRALayer(nn.Module):
         out = base(x)
         if self.use_dora:
             return out + self.dora_delta(layer, x, out)
-        # bf16/fp16 base outside autocast, or autocast: the LoRA math in the LoRA dtype
-        return out + F.linear(self.down(x), self.scaled_B()).to(out.dtype)
+        # bf16/fp16 base outside autocast, or autocast: the LoRA math in the input's dtype
+        return out + self.up(self.down(x)).to(out.dtype)
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor | None:
         return None  # LoRA adds to the output; the shared matmul sees the input as it is
@@ -262,7 +271,7 @@ class LoRALayer(nn.Module):
             return
         h = self.down(x)  # (n_rows, *, rank)
         if not h.dtype == self.lora_B.dtype == part.dtype:  # autocast, or a low-precision base
-            part += F.linear(h, self.scaled_B()).to(part.dtype)
+            part += self.up(h).to(part.dtype)
             return
         # part += s · h Bᵀ as one in-place matmul-add on the rows' (contiguous) view: two
         # kernels per adapter and layer, which is what a mixed batch multiplies.
@@ -275,7 +284,7 @@ class LoRALayer(nn.Module):
         weight = layer.weight()
         scale = self.dora_scale(weight)  # (out,)
         xd = self.dropout(self._cast(x))
-        up = F.linear(F.linear(xd, self.lora_A), self.scaled_B())
+        up = F.linear(F.linear(xd, self.lora_A.to(xd.dtype)), self.scaled_B().to(xd.dtype))
         if isinstance(self.dropout, nn.Identity):  # x Wᵀ is already in out
             bias = layer.base_layer.bias
             base = out if bias is None else out - bias

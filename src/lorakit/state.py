@@ -65,6 +65,40 @@ def mark_only_lora_as_trainable(
                 layer.base_layer.bias.requires_grad_(True)
 
 
+def store_frozen_as(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store and run the frozen base in ``dtype`` (bf16: half of fp32's bytes, and activations
+    of the same width), keeping every trainable tensor fp32.
+
+    QLoRA's setup without autocast: the base (a quantized one dequantizes to ``dtype``),
+    embeddings and LayerNorms compute in ``dtype``; LoRA runs in fp32 on the cast input and
+    adds back in ``dtype``. A module holding trainable tensors of its own (the task head,
+    ``modules_to_save``) stays fp32 whole, and its floating inputs are cast to fp32 on the
+    way in, so the logits and the loss are fp32. Returns the number of parameters cast.
+    """
+    cast = 0
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if is_lora_param(name + ".") or not own:
+            continue
+        if any(p.requires_grad for p in own):
+            module.register_forward_pre_hook(_inputs_to_fp32)
+            continue
+        for p in own:
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.compute_dtype = dtype
+    return cast
+
+
+def _inputs_to_fp32(_module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+
+
 @dataclass(frozen=True)
 class Layout:
     """What an adapter must hold besides LoRA, in PEFT's terms, read off ``requires_grad``."""

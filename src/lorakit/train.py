@@ -51,6 +51,7 @@ from lorakit.state import (
     count_lora_parameters,
     format_parameter_stats,
     mark_only_lora_as_trainable,
+    store_frozen_as,
 )
 
 OUTPUTS = (
@@ -164,6 +165,8 @@ def build_model(config: Config, label_names: tuple[str, ...], device: torch.devi
         mark_only_lora_as_trainable(model)
     if config.quantize_base != "none":
         quantize_base(model, config.quantize_base)
+    if config.base_dtype == "bf16":
+        store_frozen_as(model, torch.bfloat16)
     if config.training.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if device.type == "cpu":  # torch's CPU dropout masks cost ~10% of a step (lorakit.dropout)
@@ -321,9 +324,10 @@ def _begin(run: Run, log: RunLog, stats: dict[str, float]) -> LoopState:
     where = f"cpu ({run.governor.describe()})" if run.governor is not None else str(run.device)
     processes = f" x {world.size} processes" if world.size > 1 else ""
     dev = f" / {len(dev_data):,} dev" if dev_data is not None else ""
+    base = f" ({config.base_dtype} base)" if config.base_dtype != "fp32" else ""
     log.line(
         f"🚀 lorakit: {config.model_name} on {task_name(config)} | device {where}"
-        f"{processes} | precision {precision_name(run.dtype)} | {len(run.train_data):,} "
+        f"{processes} | precision {precision_name(run.dtype)}{base} | {len(run.train_data):,} "
         f"train{dev} / {len(run.eval_data):,} eval examples"
     )
     log.line(format_parameter_stats(stats, _method_name(config)))
@@ -389,7 +393,9 @@ def _method_name(config: Config) -> str:
     if config.method == "full":
         return "full fine-tuning"
     what = config.lora.describe()
-    return what if config.quantize_base == "none" else f"{what}, {config.quantize_base} base"
+    base: list[str] = [config.quantize_base] if config.quantize_base != "none" else []
+    base += ["bf16"] if config.base_dtype == "bf16" else []
+    return f"{what}, {' '.join(base)} base" if base else what
 
 
 def _summary(
@@ -422,6 +428,7 @@ def _summary(
         "trainable_params": int(stats["trainable"]),
         "adapter_params": int(stats["adapter"]),
         "quantize_base": config.quantize_base,
+        "base_dtype": config.base_dtype,
         "quantized_base_bytes": int(stats["quantized_bytes"]),
         "total_params": int(stats["total"]),
         "num_epochs": config.training.num_epochs,
