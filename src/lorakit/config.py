@@ -8,6 +8,7 @@ Every field is also a command-line flag (``--rank``, ``--learning_rate``, ...); 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -142,6 +143,12 @@ class TrainingSettings:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast precision; auto = bf16 where the hardware runs it fast, else fp32", default="auto"
     )
+    class_weights: str = _help(
+        "training loss weights per class: none, balanced (n_rows / (n_classes * rows of the "
+        "class), counted on the training rows) or one weight per class (w1,w2,...); the "
+        "adapter and summary.json record the weights used",
+        default="none",
+    )
     gradient_checkpointing: bool = _help("recompute activations to save memory", default=False)
     group_by_length: bool = _help("batch examples of similar length (less padding)", default=True)
     seed: int = _help("random seed (data order, LoRA init, dropout)", default=42)
@@ -189,9 +196,22 @@ class TrainingSettings:
         _require(self.dev_split >= 0, f"training.dev_split must be >= 0, got {self.dev_split}")
         _require(self.max_grad_norm >= 0, "training.max_grad_norm must be >= 0")
         _require(
+            self.class_weights in ("none", "balanced") or _positive_list(self.class_weights),
+            "training.class_weights must be none, balanced or positive numbers w1,w2,..., got "
+            f"{self.class_weights!r}",
+        )
+        _require(
             not self.push_to_hub or bool(self.hub_model_id),
             "--push_to_hub needs --hub_model_id (e.g. your-name/bert-lora-sst2)",
         )
+
+
+def _positive_list(text: str) -> bool:
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        return False
+    return all(math.isfinite(v) and v > 0 for v in values)
 
 
 @dataclass

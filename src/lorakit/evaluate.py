@@ -1,4 +1,5 @@
-"""Evaluation: loss, accuracy, F1 and Matthews correlation of a model, adapter or ONNX graph."""
+"""Evaluation: loss, accuracy, F1 and Matthews correlation of a model, adapter or ONNX graph,
+and for ``lorakit eval`` the per-class report and confusion matrix (``lorakit.classes``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from lorakit.batches import run_logits, torch_logits_fn
+from lorakit.classes import classification_report
 from lorakit.data import Encoded
 from lorakit.distributed import World
 
@@ -122,10 +124,16 @@ def evaluate_adapter(
     examples = load_examples(config.data, split, labels).head(t.max_eval_samples)
     data = encode(examples, tokenizer, t.max_length)
     amp = amp_dtype(t.precision, device, "eval")
-    metrics = evaluate(model, data, t.eval_batch_size, device, amp)
+    logits = predict_logits(model, data, t.eval_batch_size, device, amp)
     quantized = adapter_config.get("quantize_base", "none")
     extra = {"quantize_base": quantized} if quantized != "none" else {}
-    return {"examples": len(data), **metrics, "precision": precision_name(amp), **extra}
+    return {
+        "examples": len(data),
+        **logits_metrics(logits, data.labels),
+        "precision": precision_name(amp),
+        **extra,
+        "report": classification_report(logits.argmax(-1), data.labels, labels),
+    }
 
 
 def evaluate_onnx(
@@ -146,5 +154,27 @@ def evaluate_onnx(
     examples = load_examples(config.data, split, predictor.labels).head(t.max_eval_samples)
     data = encode(examples, predictor.tokenizer, predictor.max_length)
     logits = run_logits(data, predictor.logits_fn, t.eval_batch_size)
-    metrics = logits_metrics(logits, data.labels)
-    return {"examples": len(data), **metrics, "precision": meta.get("quantization") or "fp32"}
+    return {
+        "examples": len(data),
+        **logits_metrics(logits, data.labels),
+        "precision": meta.get("quantization") or "fp32",
+        "report": classification_report(logits.argmax(-1), data.labels, predictor.labels),
+    }
+
+
+def write_report(metrics: dict[str, Any], directory: Path) -> list[Path]:
+    """``lorakit eval``'s files: report.json (every metric, the per-class report and the
+    confusion matrix), classification_report.txt, confusion_matrix.png (labels by name)."""
+    import json
+
+    from lorakit.atomic import write_text
+    from lorakit.classes import format_report, plot_confusion_matrix
+
+    report = metrics["report"]
+    names = [k for k in report if isinstance(report[k], dict) and not k.endswith(" avg")]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / "report.json", directory / "classification_report.txt"]
+    write_text(paths[0], json.dumps(metrics, indent=2) + "\n")
+    write_text(paths[1], format_report(report, names) + "\n")
+    paths.append(plot_confusion_matrix(report, names, directory / "confusion_matrix.png"))
+    return paths

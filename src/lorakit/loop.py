@@ -19,6 +19,7 @@ import torch
 
 from lorakit.adapter import save_adapter
 from lorakit.checkpoint import LoopState, Optimization, capture_rng, save_checkpoint
+from lorakit.classes import weighted_loss
 from lorakit.config import Config
 from lorakit.data import Encoded, Examples, batch_order, collate
 from lorakit.distributed import World
@@ -90,6 +91,7 @@ class Run:
     tokenizer: Any = None  # saved beside whole models (method head or full)
     governor: ThreadGovernor | None = None  # CPU runs: threads follow other processes' load
     hooks: Hooks = field(default_factory=Hooks)
+    class_weights: torch.Tensor | None = None  # per class, on ``device``; None: plain loss
 
 
 class Interrupted(Exception):
@@ -189,7 +191,7 @@ class Loop:
             group = np.split(rows, range(micro, len(rows), micro))  # accumulation micro-batches
             for i, b in enumerate(group):
                 with world.no_sync(self.ddp, sync=i == len(group) - 1):
-                    self.sums += self._forward_backward(b, len(rows))
+                    self.sums += self._forward_backward(b, rows)
             self._optimizer_step()
             if self.job.governor is not None:
                 self._share_cpu(self.job.governor)
@@ -218,12 +220,18 @@ class Loop:
             s.steady_seconds += seconds
             s.steady_examples += examples
 
-    def _forward_backward(self, rows: np.ndarray, n_step: int) -> torch.Tensor:
+    def _forward_backward(self, rows: np.ndarray, step_rows: np.ndarray) -> torch.Tensor:
         """Forward and backward of this process's share of ``rows`` (a micro-batch of every
         process), its mean loss weighted so that the gradient (summed over micro-batches,
-        averaged over processes by DDP) is that of the mean loss over the step's ``n_step``
-        rows, as one process running them all would get it."""
+        averaged over processes by DDP) is that of the mean loss over the step's rows
+        (``step_rows``), as one process running them all would get it.
+
+        With class weights the loss is ``CrossEntropyLoss(weight=w)``'s over the step's rows,
+        ``Σ w_y·loss / Σ w_y``: each micro-batch adds its ``Σ w_y·loss`` over the step's
+        ``Σ w_y``, which every process computes from the step's labels, so the split into
+        processes and micro-batches changes nothing here either."""
         run = self.job
+        n_step = len(step_rows)
         mine = run.world.shard(rows)
         # A short last batch may leave this process no rows: it still runs one, weighted 0,
         # since DDP's all-reduce waits for every process's backward.
@@ -233,12 +241,20 @@ class Loop:
         }
         with autocast(run.device, run.dtype):
             out = self.ddp(**batch)
-        loss = objective = out.loss.float()
+        n = len(mine)
+        share = n / n_step  # this micro-batch's part of the step's mean loss
+        if run.class_weights is None:
+            loss = out.loss.float()
+        else:
+            w = run.class_weights
+            loss, mine_w = weighted_loss(out.logits, batch["labels"], w)
+            step_w = w.cpu()[torch.as_tensor(run.train_data.labels[step_rows])].sum()
+            share = float(mine_w) / float(step_w) * bool(n)
+        objective = loss
         for term in run.hooks.loss_terms:
             objective = objective + term(self.model, out)
         with run.world.peers():
-            self.scaler.scale(objective * (len(mine) / n_step * run.world.size)).backward()
-        n = len(mine)
+            self.scaler.scale(objective * (share * run.world.size)).backward()
         correct = (out.logits.argmax(-1) == batch["labels"]).sum() * bool(n)
         return torch.stack([loss.detach() * n, correct.float(), loss.new_tensor(float(n))])
 
@@ -356,6 +372,9 @@ class Loop:
         }
         if dev:
             extra["dev_metrics"] = dev
+        if run.class_weights is not None:
+            names = run.examples.label_names
+            extra["class_weights"] = dict(zip(names, run.class_weights.tolist(), strict=True))
         if c.method != "lora":
             extra.update(method=c.method, task=task_name(c))
             save_model(self.model, run.tokenizer, directory, extra)

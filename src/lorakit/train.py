@@ -30,6 +30,7 @@ from lorakit.checkpoint import (
     restore_rng,
     saved_world_size,
 )
+from lorakit.classes import class_weights
 from lorakit.config import Config, save_config
 from lorakit.data import Encoded, Examples, encode, hold_out, load_examples
 from lorakit.distributed import World, start
@@ -286,6 +287,7 @@ def build_run(config: Config, world: World, hooks: Hooks | None = None) -> Run:
         hooks.loss_terms.append(budget.orth_loss)
         hooks.after_step.append(budget.step)
         hooks.stateful["adalora"] = budget
+    weights = class_weights(t.class_weights, train_data.labels, train_ex.label_names)
     return Run(
         config=config,
         out=Path(t.output_dir),
@@ -301,6 +303,7 @@ def build_run(config: Config, world: World, hooks: Hooks | None = None) -> Run:
         tokenizer=tokenizer,
         governor=thread_governor() if device.type == "cpu" else None,
         hooks=hooks,
+        class_weights=None if weights is None else torch.tensor(weights, device=device),
     )
 
 
@@ -331,6 +334,10 @@ def _begin(run: Run, log: RunLog, stats: dict[str, float]) -> LoopState:
         f"train{dev} / {len(run.eval_data):,} eval examples"
     )
     log.line(format_parameter_stats(stats, _method_name(config)))
+    weights = _weights_by_name(run)
+    if weights:
+        spelled = ", ".join(f"{name} {w:.4g}" for name, w in weights.items())
+        log.line(f"  Loss weights per class ({config.training.class_weights}): {spelled}")
     if dev_data is not None:
         log.line(
             f"  best/ is chosen on the {len(dev_data):,} dev rows held out of the training "
@@ -346,6 +353,7 @@ def _finish(
     config, out, metric = run.config, run.out, run.examples.metric
     summary = _summary(config, state, stats, last_eval, metric)
     summary["precision"] = precision_name(run.dtype)
+    summary["class_weights"] = _weights_by_name(run)
     budget = run.hooks.stateful.get("adalora")
     if budget is not None:
         summary["adalora_ranks"] = budget.final_ranks()
@@ -384,6 +392,14 @@ def _saved_config(out: Path) -> dict[str, Any]:
     if not isinstance(saved, dict):
         raise LoraKitError(f"--resume: {out}/config.yaml is not a run configuration")
     return saved
+
+
+def _weights_by_name(run: Run) -> dict[str, float] | None:
+    """The loss weight of each class, by label name (None: unweighted)."""
+    if run.class_weights is None:
+        return None
+    weights = run.class_weights.tolist()
+    return {name: round(w, 6) for name, w in zip(run.examples.label_names, weights, strict=True)}
 
 
 def _method_name(config: Config) -> str:
