@@ -164,6 +164,11 @@ class TrainingSettings:
         "the validation split chooses",
         default=0.0,
     )
+    report_to: list[str] = _help(
+        "trackers that get the config, every metrics line, the curves and the adapter: none, "
+        "tensorboard (OUTPUT_DIR/tensorboard), mlflow (MLFLOW_TRACKING_URI, else ./mlflow.db)",
+        default_factory=lambda: ["none"],
+    )
     output_dir: str = _help("where the run's files are written", default="output")
     overwrite: bool = _help("allow writing into a non-empty output_dir", default=False)
     resume: bool = _help("continue from output_dir/checkpoint", default=False)
@@ -195,6 +200,12 @@ class TrainingSettings:
         )
         _require(self.dev_split >= 0, f"training.dev_split must be >= 0, got {self.dev_split}")
         _require(self.max_grad_norm >= 0, "training.max_grad_norm must be >= 0")
+        wanted = [n for n in self.report_to if n != "none"]
+        _require(
+            set(wanted) <= {"tensorboard", "mlflow"} and not (wanted and "none" in self.report_to),
+            "training.report_to takes none, or any of tensorboard, mlflow; got "
+            + " ".join(self.report_to),
+        )
         _require(
             self.class_weights in ("none", "balanced") or _positive_list(self.class_weights),
             "training.class_weights must be none, balanced or positive numbers w1,w2,..., got "

@@ -10,6 +10,9 @@ from lorakit.errors import LoraKitError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxruntime", "onnxscript"),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow",),
+    "optuna": ("optuna",),
 }
 
 

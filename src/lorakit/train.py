@@ -54,6 +54,7 @@ from lorakit.state import (
     mark_only_lora_as_trainable,
     store_frozen_as,
 )
+from lorakit.tracking import MLFLOW_RUN_FILE, Trackers, check_reporters
 
 OUTPUTS = (
     "best",
@@ -66,6 +67,8 @@ OUTPUTS = (
     "summary.json",
 )
 ADALORA_PLOT = "adalora_ranks.png"  # variant adalora only: each layer's rank over training
+# Written only on request: --report_to's tensorboard events and MLflow run id, eval's reports.
+OPTIONAL_OUTPUTS = (ADALORA_PLOT, "tensorboard", MLFLOW_RUN_FILE, "eval")
 # The loop's names live in lorakit.loop; these are importable from here as they always were.
 __all__ = [
     "OUTPUTS",
@@ -101,7 +104,7 @@ def check_output_dir(config: Config) -> Path:
 
 def clear_outputs(out: Path) -> None:
     """Remove a previous run's files (only lorakit's own) before a fresh run writes its own."""
-    for name in (*OUTPUTS, ADALORA_PLOT):
+    for name in (*OUTPUTS, *OPTIONAL_OUTPUTS):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -237,6 +240,7 @@ def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:
 
 def _train(config: Config, world: World, hooks: Hooks | None) -> dict[str, Any]:
     out, t = Path(config.training.output_dir), config.training
+    reporters = check_reporters(t.report_to)
     if world.is_main:
         check_output_dir(config)
         if t.resume:
@@ -252,10 +256,23 @@ def _train(config: Config, world: World, hooks: Hooks | None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out / "training_log.txt", out / "metrics.jsonl") if world.is_main else SilentLog()
     state = _resume(run, log) if t.resume else _begin(run, log, stats)
+    trackers = Trackers(
+        reporters if world.is_main else [],
+        out,
+        config.to_dict(),
+        state.global_step if t.resume else None,
+    )
+    run.hooks.on_train_log.append(trackers.log)
+    run.hooks.on_eval.append(trackers.log)
     loop = Loop(run, log, state)
-    loop.run()
+    try:
+        loop.run()
+    except BaseException:
+        trackers.stop("KILLED")
+        raise
     loop.save_adapter(out / "final", loop.last_eval, loop.last_dev)
     summary = _finish(run, log, state, stats, loop.last_eval)
+    trackers.finish(out, summary, state.global_step)
     world.barrier()  # every process returns once rank 0's files are complete
     return summary
 
