@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 LORAKIT_EXTRAS=dev,serve,onnx,tensorboard,mlflow,optuna bash scripts/setup.sh
 bash scripts/browser.sh # headless Chromium for tests/test_serve_page.py
+bash scripts/postgres.sh # PostgreSQL server binaries for tests/test_search.py
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy

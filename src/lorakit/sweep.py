@@ -140,6 +140,16 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,+=-]+", "_", text)
 
 
+def check_overrides(overrides: dict[str, Any], swept: Sequence[str]) -> None:
+    """Refuse flags the sweep sets itself, uploads, and flags that set a swept key."""
+    for key in (*OWN_KEYS, *REFUSED_KEYS):
+        if key in overrides:
+            raise LoraKitError(f"lorakit sweep sets {key} itself; do not pass it")
+    both = [key for key in swept if key in overrides]
+    if both:  # the grid would silently win over the flag
+        raise LoraKitError(f"--grid sweeps {both[0]}, which a flag also sets; drop one")
+
+
 def plan_runs(axes: Sequence[Axis], seeds: Sequence[int]) -> list[Run]:
     """Every combination of the axes' values, each with every seed; names are unique."""
     keys = [a.key for a in axes]
@@ -174,14 +184,9 @@ class Sweep:
     ) -> None:
         self._stop_asked = False  # SIGTERM came during execute
         self._current: subprocess.Popen[bytes] | None = None  # the running lorakit train
-        for key in (*OWN_KEYS, *REFUSED_KEYS):
-            if key in overrides:
-                raise LoraKitError(f"lorakit sweep sets {key} itself; do not pass it")
+        check_overrides(overrides, [a.key for a in axes])
         if seeds is not None and SEED in overrides:
             raise LoraKitError("pass either --seeds or --seed, not both")
-        both = [a.key for a in axes if a.key in overrides]
-        if both:  # the grid would silently win over the flag
-            raise LoraKitError(f"--grid sweeps {both[0]}, which a flag also sets; drop one")
         base = load_config(config_path, overrides)  # a bad file or flag fails before planning
         self.seeds = list(seeds) if seeds is not None else [base.training.seed]
         self.axes, self.out = list(axes), out

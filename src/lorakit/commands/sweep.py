@@ -30,6 +30,19 @@ both chooses and scores (sweep.md says which).
 Writes DIR/sweep.csv (one row per run), DIR/sweep.md (mean ± std over seeds, best first),
 DIR/sweep.png, and each run's own output in DIR/runs/NAME (logs in DIR/logs). Rerunning the
 same command skips finished runs and resumes a killed one from its checkpoint.
+
+searched sweeps (Optuna; pip install 'lorakit[optuna]'):
+  --search tpe|random|grid --trials N   N trials chosen by the sampler over the --grid space;
+                         --grid KEY=LOW..HIGH[:log] is a numeric range (int if both ends are)
+  --storage URL          the study (default sqlite:///DIR/study.db); postgresql://user@host/db
+                         lets workers on several machines share it: start the same command on
+                         each, N trials run in all and none twice
+  --study NAME           the study's name in the storage (default: DIR's name)
+  --pruner median|none   stop a trial whose dev score at an evaluation is below the median of
+                         earlier trials at that step (use --eval_steps for several per epoch)
+A worker killed mid-trial: its trial is marked failed once its heartbeat is older than 3x
+--heartbeat seconds, and retried (resuming its checkpoint) by the next worker to look.
+Also writes DIR/optuna_history.png and DIR/optuna_importance.png.
 """
 OWN_FLAGS = ("output_dir", "resume", "overwrite", "push_to_hub", "hub_model_id", "hub_private")
 
@@ -49,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output_dir", type=Path, required=True, help="the sweep's directory (see below)"
     )
+    parser.add_argument("--search", choices=("tpe", "random", "grid"), help="an Optuna search")
+    parser.add_argument("--trials", type=int, default=0, help="trials of the search, in all")
+    parser.add_argument("--storage", default="", help="Optuna storage URL of the study")
+    parser.add_argument("--study", default="", help="the study's name (default: DIR's name)")
+    parser.add_argument("--pruner", choices=("median", "none"), default="median")
+    parser.add_argument(
+        "--heartbeat", type=int, default=30, help="seconds between a trial's heartbeats"
+    )
+    parser.add_argument("--sampler_seed", type=int, help="seed of the sampler (one worker)")
     from lorakit.config import flag_table
 
     names = [n for names, _, _ in flag_table().values() for n in names]
@@ -56,7 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.errors import LoraKitError
     from lorakit.sweep import Sweep, parse_grid, parse_seeds
+
+    if args.search:
+        return _search(args)
+    searched = [f for f in ("trials", "storage", "study", "sampler_seed") if getattr(args, f)]
+    if searched:
+        raise LoraKitError(f"--{searched[0]} belongs to a search: add --search tpe|random|grid")
 
     axes = [parse_grid(spec) for spec in args.grid]
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
@@ -84,6 +113,55 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"lorakit sweep: error: {failed} run(s) failed; see {args.output_dir / 'logs'} "
             "and rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from lorakit.errors import LoraKitError
+    from lorakit.extras import require_extra
+    from lorakit.search import Search, parse_param
+
+    require_extra("optuna", "--search")
+    if args.seeds is not None:
+        raise LoraKitError("--search runs one seed per trial: pass --seed, not --seeds")
+    search = Search(
+        args.config,
+        [parse_param(spec) for spec in args.grid],
+        config_overrides(args),
+        args.output_dir,
+        sampler=args.search,
+        trials=args.trials,
+        storage=args.storage,
+        study=args.study,
+        pruner=args.pruner,
+        heartbeat=args.heartbeat,
+        seed=args.sampler_seed,
+    )
+    search.prepare()
+    print(
+        f"🔬 lorakit sweep --search {args.search}: {search.trials} trials in study "
+        f"{search.study_name!r} ({search.storage_url.split('@')[-1]}), chosen on the "
+        f"{search.selected_on} set; files in {args.output_dir}",
+        flush=True,
+    )
+    try:
+        failed = search.execute(lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(
+            f"lorakit sweep: interrupted; the running trial comes back as a retry that resumes "
+            f"its checkpoint: rerun the same command to continue {args.output_dir}"
+        )
+        return 130
+    print(f"📊 {args.output_dir / 'sweep.md'}, sweep.csv, sweep.png, optuna_*.png")
+    best = search.best_line()
+    if best:
+        print(best)
+    if failed:
+        print(
+            f"lorakit sweep: error: {failed} trial(s) failed; see {args.output_dir / 'logs'}",
             file=sys.stderr,
         )
         return 1
