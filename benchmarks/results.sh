@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
-#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora|adalora]
+#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora|adalora|search]
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
 # seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
 #        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below);
@@ -16,6 +16,8 @@
 #        with the same recipe, and the step time of both (benchmarks/adalora_step.py).
 # qlora: the shipped MiniLM recipe on an nf4 base against the full-precision base, 3 seeds at
 #        the short budget; then the memory table (benchmarks/qlora_memory.py).
+# search: the tutorial's 8-trial grid, then an 8-trial TPE search by two workers sharing one
+#        study, at a tutorial budget (2,000 training rows, 1,000 dev rows, 64 tokens).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LK=".venv/bin/lorakit"
@@ -128,6 +130,18 @@ qlora)
   $LK sweep "${BUDGET[@]}" --grid "quantize_base=none,nf4" --seeds 0,1,2 --output_dir sweeps/qlora
   .venv/bin/python benchmarks/qlora_memory.py --data_dir "$DATA" --steps 2
   ;;
-*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora|adalora]" >&2
+search)
+  TUT=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 1000
+       --max_train_samples 2000 --num_epochs 1 --max_length 64 --eval_steps 21)
+  $LK sweep "${TUT[@]}" --search grid --pruner none --grid "learning_rate=5e-4,1e-3,2e-3,4e-3" \
+    --grid "rank=8,32" --output_dir sweeps/search_grid
+  for worker in 1 2; do
+    $LK sweep "${TUT[@]}" --search tpe --trials 8 --grid "learning_rate=3e-4..1e-2:log" \
+      --grid "rank=4,8,16,32" --output_dir sweeps/search_tpe > "sweeps/search_tpe.worker$worker.log" &
+    sleep 5
+  done
+  wait
+  ;;
+*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora|adalora|search]" >&2
    exit 2 ;;
 esac

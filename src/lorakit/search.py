@@ -275,7 +275,13 @@ class Search:
         if self.sampler_name in ("grid", "random"):  # a grid is enqueued: see below
             sampler: Any = optuna.samplers.RandomSampler(seed=self.seed)
         else:
-            sampler = optuna.samplers.TPESampler(seed=self.seed)
+            # TPE models the space after a few random trials (a quarter of the budget, 2 to
+            # 10); workers running side by side see each other's running trials as their
+            # worst score so far (constant liar) instead of proposing the same point.
+            startup = min(10, max(2, self.trials // 4))
+            sampler = optuna.samplers.TPESampler(
+                seed=self.seed, n_startup_trials=startup, constant_liar=True
+            )
         pruner = (
             optuna.pruners.MedianPruner(n_startup_trials=2)
             if self.pruner_name == "median"
