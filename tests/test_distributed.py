@@ -114,6 +114,29 @@ def test_two_processes_of_8_equal_one_of_16(env: dict[str, Path], tmp_path: Path
     assert log.count("🚀") == 1 and "x 2 processes" in log
 
 
+def test_class_weighted_steps_are_the_same_on_two_processes(
+    env: dict[str, Path], tmp_path: Path
+) -> None:
+    """Each process weighs its rows by the whole step's Σ w (the last step leaves process 1 no
+    row): the adapter and the evaluations are one process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    weights = ("--class_weights", "1,3")
+    assert main(_args(env, one, "small", "--batch_size", "16", *weights)) == 0
+    job = _torchrun(_args(env, two, "small", "--batch_size", "8", *weights))
+    _, stderr = job.communicate(timeout=LAUNCH_TIMEOUT)
+    assert job.returncode == 0, stderr
+    ta = load_file(str(one / "final" / "adapter_model.safetensors"))
+    tb = load_file(str(two / "final" / "adapter_model.safetensors"))
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=1e-4, rtol=0)
+    ea, eb = _records(one, "eval"), _records(two, "eval")
+    assert [r["accuracy"] for r in ea] == [r["accuracy"] for r in eb]
+    assert json.loads((two / "summary.json").read_text())["class_weights"] == {
+        "negative": 1.0,
+        "positive": 3.0,
+    }
+
+
 def test_adalora_processes_mask_as_one_does(env: dict[str, Path], tmp_path: Path) -> None:
     """Every process scores the triplets on the all-reduced gradients: the masks agree, so two
     processes of 8 train the same adapter, and keep the same ranks, as one of 16."""

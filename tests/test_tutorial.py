@@ -95,10 +95,16 @@ def test_every_tutorial_command_runs(
         for command in _commands(DOCS["en"]):
             command = command.replace("../shared/data", str(data))
             command = command.replace("--dev_split 2000", "--dev_split 16")
+            command = command.replace("--dev_split 1000", "--dev_split 16")
             command = command.replace("8080", str(port))
             words = shlex.split(command)
             if words[:2] in (["lorakit", "train"], ["lorakit", "sweep"]):
-                words += [*tiny, "--seeds", "0"] if words[1] == "sweep" else tiny
+                flags = list(tiny)
+                if any(w.startswith("learning_rate=") for w in words):  # searched, not fixed
+                    flags = [f for f in flags if f not in ("--learning_rate", "1e-2")]
+                if words[1] == "sweep" and "--search" not in words:
+                    flags += ["--seeds", "0"]  # a search runs one seed a trial
+                words += flags
             if words[:2] == ["lorakit", "serve"]:
                 server = subprocess.Popen(
                     [sys.executable, "-m", "lorakit", *words[1:]],
@@ -123,6 +129,9 @@ def test_every_tutorial_command_runs(
     assert (work / "runs/sst2.onnx").is_file()
     md = (work / "sweeps/rank-targets/sweep.md").read_text()
     assert "6 of 6 runs done" in md
+    for search in ("search_grid", "search_tpe"):
+        rows = (work / "sweeps" / search / "sweep.csv").read_text().splitlines()
+        assert len(rows) == 9, rows  # 8 trials, complete or pruned
 
 
 def _wait_healthy(port: int, server: subprocess.Popen) -> None:
