@@ -151,6 +151,6 @@ def plot_confusion_matrix(report: dict[str, Any], label_names: Sequence[str], pa
     ax.set_title(f"confusion matrix (accuracy {report['accuracy']:.4f})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
