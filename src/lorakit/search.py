@@ -382,7 +382,8 @@ class Search:
         run_dir = self.out / "runs" / name
         overrides = {**self.overrides, **values, "training.output_dir": str(run_dir)}
         config_file = self.out / "configs" / f"{name}.yaml"
-        save_config(load_config(self.config_path, overrides), config_file)
+        config = load_config(self.config_path, overrides)
+        save_config(config, config_file)
         cmd = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
         cmd.append("--resume" if (run_dir / "checkpoint").is_dir() else "--overwrite")
         spelled = ", ".join(f"{k.rpartition('.')[2]}={_label(v)}" for k, v in values.items())
@@ -392,7 +393,7 @@ class Search:
         beat.start()
         log_path = self.out / "logs" / f"{name}.log"
         try:
-            code, pruned = self._train(trial, cmd, run_dir, log_path)
+            code, pruned = self._train(trial, cmd, config, log_path)
         except KeyboardInterrupt:
             self._give_back(trial)
             raise
@@ -445,10 +446,10 @@ class Search:
             self.study, self.storage.get_trial(trial._trial_id)
         )
 
-    def _train(self, trial: Any, cmd: list[str], run_dir: Path, log_path: Path) -> tuple[int, int]:
+    def _train(self, trial: Any, cmd: list[str], config: Any, log_path: Path) -> tuple[int, int]:
         """Run the trial's training, reporting each evaluation; (exit code, pruned-at step)."""
         reported = 0
-        metrics = run_dir / "metrics.jsonl"
+        metrics = Path(config.training.output_dir) / "metrics.jsonl"
         key = f"dev_{self.metric}" if self.selected_on == "dev" else self.metric
         with open(log_path, "ab") as log:
             self._current = child = subprocess.Popen(
@@ -460,7 +461,8 @@ class Search:
                     for record in evals[reported:]:
                         if key in record:
                             trial.report(float(record[key]), int(record["step"]))
-                            if trial.should_prune() and child.poll() is None:
+                            last = _is_last_eval(record, config)  # nothing left to save
+                            if not last and trial.should_prune() and child.poll() is None:
                                 child.send_signal(signal.SIGTERM)  # it checkpoints and exits
                                 child.wait()
                                 return child.returncode, int(record["step"])
@@ -597,6 +599,14 @@ class Search:
             f"🏆 best on {self.selected_on}: trial {r['trial']} ({spelled}): {self.metric} "
             f"{_pct(r[key])}, validation {_pct(r[f'validation_{self.metric}'])}"
         )
+
+
+def _is_last_eval(record: dict[str, Any], config: Any) -> bool:
+    """The run's closing evaluation: pruning it would save nothing."""
+    t = config.training
+    return float(record.get("epoch", 0)) >= t.num_epochs or bool(
+        t.max_steps and int(record.get("step", 0)) >= t.max_steps
+    )
 
 
 def _pct(value: float | None) -> str:
