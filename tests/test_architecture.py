@@ -38,7 +38,17 @@ LAYERS = {
         "adapter_config",
         "__init__",
     },
-    "loading": {"data", "textfiles", "hub", "packaged", "models", "batches", "runlog", "plots"},
+    "loading": {
+        "data",
+        "textfiles",
+        "hub",
+        "packaged",
+        "models",
+        "batches",
+        "runlog",
+        "plots",
+        "classes",
+    },
     "engines": {
         "export",
         "onnx_int8",
@@ -55,6 +65,8 @@ LAYERS = {
         "protocol",
         "serve",
         "sweep",
+        "search",
+        "tracking",
     },
     "commands": {"cli", "__main__", "commands"},
 }

@@ -184,9 +184,23 @@ def test_a_killed_workers_trial_is_retried_from_its_checkpoint(
     assert (out / "runs" / "trial-000" / "summary.json").exists()
 
 
+def test_trials_the_config_refuses_fail_and_use_up_their_place(
+    env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep"
+    args = _flags(env, out, "--search", "random", "--trials", "2", "--grid", "dropout=1.0..2.0")
+    assert main(args) == 1  # finishes (no endless retries), says the trials failed
+    captured = capsys.readouterr()
+    assert "2 trial(s) failed" in captured.err
+    assert captured.out.count("lora.dropout must be in [0, 1)") == 2
+    study = _study(f"sqlite:///{out.resolve() / 'study.db'}", out.name)
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--search", "tpe", "--trials", "2", "--grid", "rank=4,0"], "--grid rank=0: lora.rank"),
         (["--search", "tpe", "--grid", "rank=2,4"], "needs --trials"),
         (["--trials", "3", "--grid", "rank=2,4"], "--trials belongs to a search"),
         (["--search", "grid", "--grid", "learning_rate=1e-4..1e-2"], "not LOW..HIGH"),

@@ -11,7 +11,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxruntime", "onnxscript"),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "tensorboard": ("tensorboard",),
-    "mlflow": ("mlflow",),
+    "mlflow": ("mlflow",),  # the mlflow-skinny package's module
     "optuna": ("optuna",),
 }
 

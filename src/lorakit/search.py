@@ -197,6 +197,12 @@ class Search:
         check_overrides(overrides, keys)
         if sampler == "grid" and any(not p.choices for p in params):
             raise LoraKitError("--search grid takes lists of values, not LOW..HIGH ranges")
+        for p in params:  # every listed value must make a valid run on its own
+            for value in p.choices:
+                try:
+                    load_config(config_path, {**overrides, p.key: value})
+                except LoraKitError as e:
+                    raise LoraKitError(f"--grid {p.short}={_label(value)}: {e}") from None
         size = math.prod(len(p.choices) for p in params) if sampler == "grid" else 0
         if trials < 0 or (not trials and sampler != "grid"):
             raise LoraKitError(f"--search {sampler} needs --trials N (N >= 1)")
@@ -316,10 +322,12 @@ class Search:
 
         with claim_lock(self.storage_url, self.out):
             fail_stale_trials(self.study)
-            states = [t.state for t in self.study.get_trials(deepcopy=False)]
-            taken = sum(
-                s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) for s in states
-            )
+            trials = self.study.get_trials(deepcopy=False)
+            states = [t.state for t in trials]
+            busy = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            # A trial whose training failed (its error recorded) uses up its place; one failed
+            # for a dead worker does not: its retry, waiting or claimed, takes the place.
+            taken = sum(t.state in busy or "error" in t.user_attrs for t in trials)
             if TrialState.WAITING not in states and taken >= self.trials:
                 return None
             trial = self.study.ask()
@@ -382,22 +390,34 @@ class Search:
         run_dir = self.out / "runs" / name
         overrides = {**self.overrides, **values, "training.output_dir": str(run_dir)}
         config_file = self.out / "configs" / f"{name}.yaml"
-        config = load_config(self.config_path, overrides)
+        try:
+            config = load_config(self.config_path, overrides)
+        except LoraKitError as e:  # a value of a range the config refuses: the trial fails
+            trial.set_user_attr("error", str(e))
+            self.study.tell(trial, state=TrialState.FAIL)
+            show(f"✘ trial {trial.number}: {e}")
+            return False
         save_config(config, config_file)
-        cmd = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
-        cmd.append("--resume" if (run_dir / "checkpoint").is_dir() else "--overwrite")
-        spelled = ", ".join(f"{k.rpartition('.')[2]}={_label(v)}" for k, v in values.items())
-        show(f"▶ trial {trial.number} ({name}): {spelled}")
         beating = threading.Event()
         beat = threading.Thread(target=self._beat, args=(trial, beating), daemon=True)
         beat.start()
-        log_path = self.out / "logs" / f"{name}.log"
+        # The run directory's lock, held by the worker and inherited by its training process:
+        # a dead worker's training may still be saving its checkpoint (SIGTERM from
+        # PR_SET_PDEATHSIG); a retry waits for it instead of writing beside it.
+        lock = open(self.out / "runs" / f"{name}.lock", "a")  # noqa: SIM115 - held across calls
         try:
-            code, pruned = self._train(trial, cmd, config, log_path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cmd = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
+            cmd.append("--resume" if (run_dir / "checkpoint").is_dir() else "--overwrite")
+            spelled = ", ".join(f"{k.rpartition('.')[2]}={_label(v)}" for k, v in values.items())
+            show(f"▶ trial {trial.number} ({name}): {spelled}")
+            log_path = self.out / "logs" / f"{name}.log"
+            code, pruned = self._train(trial, cmd, config, log_path, lock.fileno())
         except KeyboardInterrupt:
             self._give_back(trial)
             raise
         finally:
+            lock.close()
             beating.set()
             beat.join()
         if self._stop_asked or code in (130, -signal.SIGINT) and not pruned:
@@ -446,14 +466,20 @@ class Search:
             self.study, self.storage.get_trial(trial._trial_id)
         )
 
-    def _train(self, trial: Any, cmd: list[str], config: Any, log_path: Path) -> tuple[int, int]:
+    def _train(
+        self, trial: Any, cmd: list[str], config: Any, log_path: Path, lock_fd: int
+    ) -> tuple[int, int]:
         """Run the trial's training, reporting each evaluation; (exit code, pruned-at step)."""
         reported = 0
         metrics = Path(config.training.output_dir) / "metrics.jsonl"
         key = f"dev_{self.metric}" if self.selected_on == "dev" else self.metric
         with open(log_path, "ab") as log:
             self._current = child = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                pass_fds=(lock_fd,),
             )
             try:
                 while child.poll() is None or reported < len(_evals(metrics)):
