@@ -184,6 +184,30 @@ def test_a_killed_workers_trial_is_retried_from_its_checkpoint(
     assert (out / "runs" / "trial-000" / "summary.json").exists()
 
 
+def test_sigterm_gives_the_running_trial_back_and_the_rerun_resumes_it(
+    env: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    flags = ["--search", "grid", "--grid", "alpha=4,8", "--pruner", "none", "--num_epochs", "3"]
+    args = _flags(env, out, *flags)
+    worker = _worker(args, tmp_path / "first.log")
+    checkpoint = out / "runs" / "trial-000" / "checkpoint"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.terminate()
+    assert worker.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()
+    assert "comes back as a retry" in (tmp_path / "first.log").read_text()
+    study = _study(f"sqlite:///{out.resolve() / 'study.db'}", out.name)
+    states = [(t.state.name, t.system_attrs.get("failed_trial")) for t in study.get_trials()]
+    assert states[0] == ("FAIL", None) and ("WAITING", 0) in states
+    rerun = _worker(args, tmp_path / "rerun.log")
+    assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["run"] for t in done) == ["trial-000", "trial-001"]
+    assert "↻ Resumed from checkpoint" in (out / "logs" / "trial-000.log").read_text()
+
+
 def test_trials_the_config_refuses_fail_and_use_up_their_place(
     env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
