@@ -208,6 +208,17 @@ def test_sigterm_gives_the_running_trial_back_and_the_rerun_resumes_it(
     assert "↻ Resumed from checkpoint" in (out / "logs" / "trial-000.log").read_text()
 
 
+def test_a_grid_with_fewer_trials_than_points_runs_a_sample_of_them(
+    env: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    args = _flags(env, out, "--search", "grid", "--grid", "alpha=2,4,8", "--trials", "1")
+    assert main(args) == 0
+    trials = _study(f"sqlite:///{out.resolve() / 'study.db'}", out.name).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    assert trials[0].params["lora.alpha"] in ("2", "4", "8")
+
+
 def test_trials_the_config_refuses_fail_and_use_up_their_place(
     env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -310,7 +310,7 @@ class Search:
                     itertools.product(*([_label(v) for v in p.choices] for p in self.params))
                 )
                 random.Random(self.seed).shuffle(points)
-                for point in points:
+                for point in points[: self.trials]:  # --trials below the grid's size: a sample
                     study.enqueue_trial(dict(zip([p.key for p in self.params], point, strict=True)))
             return study
 
