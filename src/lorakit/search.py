@@ -47,13 +47,13 @@ from lorakit.atomic import write_text
 from lorakit.config import YamlLoader, load_config, save_config
 from lorakit.errors import LoraKitError
 from lorakit.sweep import (
-    PLAN_NAME,
     _config_key,
     _die_with_parent,
     _label,
     _last_line,
     _split_values,
     check_overrides,
+    write_plan,
 )
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -235,22 +235,7 @@ class Search:
 
     def prepare(self) -> None:
         """Write the plan (another worker may have); refuse a directory of another sweep."""
-        plan_path = self.out / PLAN_NAME
-        if plan_path.is_file():
-            try:
-                saved = json.loads(plan_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise LoraKitError(f"cannot read {plan_path}: {e}") from None
-            if saved != json.loads(json.dumps(self.plan())):
-                raise LoraKitError(
-                    f"{self.out} holds another sweep ({plan_path} differs); rerun that sweep's "
-                    "command to continue it, or choose a new --output_dir"
-                )
-        elif self.out.exists() and any(p.name != "study.db" for p in self.out.iterdir()):
-            raise LoraKitError(f"output_dir {self.out} is not empty and holds no sweep")
-        for sub in ("configs", "logs", "runs"):
-            (self.out / sub).mkdir(parents=True, exist_ok=True)
-        write_text(plan_path, json.dumps(self.plan(), indent=2) + "\n")
+        write_plan(self.out, self.plan(), may_hold=("study.db", "study.db.lock"))
         self.study = self._open_study()
 
     def _open_study(self) -> Any:
@@ -398,28 +383,14 @@ class Search:
             show(f"✘ trial {trial.number}: {e}")
             return False
         save_config(config, config_file)
-        beating = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(trial, beating), daemon=True)
-        beat.start()
-        # The run directory's lock, held by the worker and inherited by its training process:
-        # a dead worker's training may still be saving its checkpoint (SIGTERM from
-        # PR_SET_PDEATHSIG); a retry waits for it instead of writing beside it.
-        lock = open(self.out / "runs" / f"{name}.lock", "a")  # noqa: SIM115 - held across calls
+        spelled = ", ".join(f"{k.rpartition('.')[2]}={_label(v)}" for k, v in values.items())
+        show(f"▶ trial {trial.number} ({name}): {spelled}")
+        log_path = self.out / "logs" / f"{name}.log"
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            cmd = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
-            cmd.append("--resume" if (run_dir / "checkpoint").is_dir() else "--overwrite")
-            spelled = ", ".join(f"{k.rpartition('.')[2]}={_label(v)}" for k, v in values.items())
-            show(f"▶ trial {trial.number} ({name}): {spelled}")
-            log_path = self.out / "logs" / f"{name}.log"
-            code, pruned = self._train(trial, cmd, config, log_path, lock.fileno())
+            code, pruned = self._launch(trial, config, config_file, log_path)
         except KeyboardInterrupt:
             self._give_back(trial)
             raise
-        finally:
-            lock.close()
-            beating.set()
-            beat.join()
         if self._stop_asked or code in (130, -signal.SIGINT) and not pruned:
             self._give_back(trial)
             raise KeyboardInterrupt
@@ -437,6 +408,29 @@ class Search:
         self.study.tell(trial, state=TrialState.FAIL)
         show(f"✘ trial {trial.number}: {_last_line(log_path)}")
         return False
+
+    def _launch(
+        self, trial: Any, config: Any, config_file: Path, log_path: Path
+    ) -> tuple[int, int]:
+        """``lorakit train`` for the trial (resuming its checkpoint if one is there), with its
+        heartbeat beating; (exit code, pruned-at step)."""
+        run_dir = Path(config.training.output_dir)
+        beating = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(trial, beating), daemon=True)
+        beat.start()
+        # The run directory's lock, held by the worker and inherited by its training process:
+        # a dead worker's training may still be saving its checkpoint (SIGTERM from
+        # PR_SET_PDEATHSIG); a retry waits for it instead of writing beside it.
+        lock = open(run_dir.parent / f"{run_dir.name}.lock", "a")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cmd = [sys.executable, "-m", "lorakit", "train", "--config", str(config_file)]
+            cmd.append("--resume" if (run_dir / "checkpoint").is_dir() else "--overwrite")
+            return self._train(trial, cmd, config, log_path, lock.fileno())
+        finally:
+            lock.close()
+            beating.set()
+            beat.join()
 
     def _score(self, summary: dict[str, Any]) -> float:
         chosen = summary.get("best_dev") if self.selected_on == "dev" else summary.get("best_eval")
@@ -482,7 +476,8 @@ class Search:
                 pass_fds=(lock_fd,),
             )
             try:
-                while child.poll() is None or reported < len(_evals(metrics)):
+                while True:
+                    running = child.poll() is None  # then read: an exited run's file is whole
                     evals = _evals(metrics)
                     for record in evals[reported:]:
                         if key in record:
@@ -493,8 +488,9 @@ class Search:
                                 child.wait()
                                 return child.returncode, int(record["step"])
                     reported = len(evals)
-                    if child.poll() is None:
-                        time.sleep(0.5)
+                    if not running:
+                        break
+                    time.sleep(0.5)
             except KeyboardInterrupt:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=5)

@@ -150,6 +150,27 @@ def check_overrides(overrides: dict[str, Any], swept: Sequence[str]) -> None:
         raise LoraKitError(f"--grid sweeps {both[0]}, which a flag also sets; drop one")
 
 
+def write_plan(out: Path, plan: dict[str, Any], may_hold: Sequence[str] = ()) -> None:
+    """Write ``out``'s sweep.json and its folders, unless ``out`` holds another sweep (a
+    different plan) or other files than ``may_hold``; the same plan is a rerun, continued."""
+    plan_path = out / PLAN_NAME
+    if plan_path.is_file():
+        try:
+            saved = json.loads(plan_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LoraKitError(f"cannot read {plan_path}: {e}") from None
+        if saved != json.loads(json.dumps(plan)):
+            raise LoraKitError(
+                f"{out} holds another sweep ({plan_path} differs); rerun that sweep's "
+                "command to continue it, or choose a new --output_dir"
+            )
+    elif out.exists() and any(p.name not in may_hold for p in out.iterdir()):
+        raise LoraKitError(f"output_dir {out} is not empty and holds no sweep")
+    for sub in ("configs", "logs", "runs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    write_text(plan_path, json.dumps(plan, indent=2) + "\n")
+
+
 def plan_runs(axes: Sequence[Axis], seeds: Sequence[int]) -> list[Run]:
     """Every combination of the axes' values, each with every seed; names are unique."""
     keys = [a.key for a in axes]
@@ -215,23 +236,7 @@ class Sweep:
 
     def prepare(self) -> None:
         """Write the plan and the run configs; refuse a directory holding another sweep."""
-        plan_path = self.out / PLAN_NAME
-        if plan_path.is_file():
-            try:
-                saved = json.loads(plan_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise LoraKitError(f"cannot read {plan_path}: {e}") from None
-            if saved != json.loads(json.dumps(self.plan())):
-                raise LoraKitError(
-                    f"{self.out} holds another sweep ({plan_path} differs); rerun that sweep's "
-                    "command to continue it, or choose a new --output_dir"
-                )
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise LoraKitError(f"output_dir {self.out} is not empty and holds no sweep")
-        (self.out / "configs").mkdir(parents=True, exist_ok=True)
-        (self.out / "logs").mkdir(exist_ok=True)
-        (self.out / "runs").mkdir(exist_ok=True)
-        write_text(plan_path, json.dumps(self.plan(), indent=2) + "\n")
+        write_plan(self.out, self.plan())
         for run in self.runs:
             save_config(self.configs[run.name], self._config_file(run))
             summary = self._read_summary(run)
