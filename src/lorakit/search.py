@@ -366,7 +366,9 @@ class Search:
 
         name = self._run_name(trial)
         trial.set_user_attr("run", name)
-        duplicate = self._same_params_done(trial)
+        # A retry continues its own run, whatever else finished with the same values.
+        retry = name != f"trial-{trial.number:03d}"
+        duplicate = None if retry else self._same_params_done(trial)
         if duplicate is not None:  # the sampler proposed a finished point: its score stands
             trial.set_user_attr("duplicate_of", duplicate.number)
             self.study.tell(trial, duplicate.value)
