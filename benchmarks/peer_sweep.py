@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -124,15 +125,21 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
     def accuracy(pred) -> dict:  # noqa: ANN001
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
+    # Each run checkpoints into its own folder, so a killed run resumes where it stopped (a
+    # full-length MPNet run outlasts a session on 2 cores); the folder goes once it finishes.
+    tag = f"{Path(args.recipe['model']).name}-{args.variant}-r{args.rank}-lr{lr:g}-seed{seed}"
+    run_dir = ROOT / "runs" / "bench" / "peer_sweep" / tag
     targs = TrainingArguments(
-        output_dir=str(ROOT / "runs" / "bench" / "peer_sweep"),
+        output_dir=str(run_dir),
         per_device_train_batch_size=args.recipe["batch_size"],
         per_device_eval_batch_size=64,
         learning_rate=lr,
         warmup_steps=args.recipe["warmup_ratio"],  # transformers 5: a float < 1 is a ratio
         weight_decay=args.recipe["weight_decay"],
         num_train_epochs=args.epochs,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=1,
         eval_strategy="steps" if args.eval_steps else "epoch",
         eval_steps=args.eval_steps or None,
         report_to=[],
@@ -151,9 +158,17 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
         compute_metrics=accuracy,
         callbacks=[adalora_callback()] if adalora else None,
     )
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if resume:
+        print(f"resuming {tag} from {Path(resume).name}", flush=True)
+    first_step = int(Path(resume).name.rpartition("-")[2]) if resume else 0
     start = time.perf_counter()
-    out = trainer.train()
+    out = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
+    # Trainer's own rate counts the steps a resumed run skipped; count what this process ran.
+    trained = (trainer.state.global_step - first_step) * args.recipe["batch_size"]
     if args.eval_steps and trainer.state.global_step % args.eval_steps:
         trainer.evaluate()  # the end of training, as lorakit evaluates it
     by_step: dict[int, dict] = {}
@@ -163,6 +178,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
                 by_step.setdefault(h["step"], {"step": h["step"]})[name] = h[
                     f"eval_{name}_accuracy"
                 ]
+    shutil.rmtree(run_dir, ignore_errors=True)
     evals = [by_step[k] for k in sorted(by_step)]
     best = max(evals, key=lambda e: (e["dev"], -e["step"]))  # the first best, as lorakit
     return {
@@ -179,7 +195,13 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
         "final_validation_accuracy": evals[-1]["validation"],
         "train_runtime_s": round(out.metrics["train_runtime"], 1),
         "wall_s": round(wall, 1),
-        "examples_per_sec": round(out.metrics["train_samples_per_second"], 1),
+        "examples_per_sec": round(
+            trained / out.metrics["train_runtime"]
+            if resume
+            else out.metrics["train_samples_per_second"],
+            1,
+        ),
+        "resumed_from_step": first_step,
         "peak_rss_mb": round(_rss_mb()),
         "precision": "bf16" if bf16 else "fp32",
         "train_rows": len(train_ds),
@@ -229,6 +251,7 @@ def main() -> None:
     p.add_argument("--dev_split", type=float, default=2000)
     p.add_argument("--eval_steps", type=int, default=0, help="0 = once per epoch")
     p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--save_steps", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_sweep.json")
     args = p.parse_args()
     args.recipe = recipe(args.config)

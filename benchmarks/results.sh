@@ -121,6 +121,10 @@ mpnet-full)
   $LK sweep "${MP[@]}" --seeds "${MPNET_SEEDS:-0,1,2}" --output_dir sweeps/mpnet_full
   .venv/bin/python benchmarks/ood.py sweeps/mpnet_full/runs/* --data_dir "$DATA" \
     --out benchmarks/results/ood_mpnet_full.jsonl
+  # the peer, the same recipe and rows (it checkpoints every 100 steps and resumes too)
+  .venv/bin/python benchmarks/peer_sweep.py --config configs/sst2_mpnet.yaml --data_dir "$DATA" \
+    --learning_rates 2e-3 --seeds "${MPNET_PEER_SEEDS:-0,1,2}" --max_train_samples 0 \
+    --epochs 1 --dev_split 2000 --eval_steps 500 --out benchmarks/results/peer_mpnet_full.json
   ;;
 adalora)
   # AdaLoRA 12 -> 8 against LoRA r=8 (section 5's best1) at the short budget, and PEFT's AdaLoRA
