@@ -106,7 +106,7 @@ def datasets(
 def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
     import numpy as np
     import torch
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     from lorakit.runtime import bf16_fast
 
@@ -125,6 +125,22 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
     def accuracy(pred) -> dict:  # noqa: ANN001
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
+    class StepClock(TrainerCallback):
+        """Seconds spent in optimizer steps only (no evaluation, no saving), as lorakit's
+        train_step_seconds, so the two rates compare."""
+
+        seconds = 0.0
+        steps = 0
+        _start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            self.seconds += time.perf_counter() - self._start
+            self.steps += 1
+
+    clock = StepClock()
     # Each run checkpoints into its own folder, so a killed run resumes where it stopped (a
     # full-length MPNet run outlasts a session on 2 cores); the folder goes once it finishes.
     tag = f"{Path(args.recipe['model']).name}-{args.variant}-r{args.rank}-lr{lr:g}-seed{seed}"
@@ -156,7 +172,7 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
         eval_dataset=eval_sets,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
-        callbacks=[adalora_callback()] if adalora else None,
+        callbacks=[clock, adalora_callback()] if adalora else [clock],
     )
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -201,6 +217,8 @@ def run(args: argparse.Namespace, lr: float, seed: int, data: tuple) -> dict:
             else out.metrics["train_samples_per_second"],
             1,
         ),
+        "train_step_seconds": round(clock.seconds, 1),
+        "step_examples_per_sec": round(clock.steps * args.recipe["batch_size"] / clock.seconds, 2),
         "resumed_from_step": first_step,
         "peak_rss_mb": round(_rss_mb()),
         "precision": "bf16" if bf16 else "fp32",
