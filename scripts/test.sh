@@ -8,7 +8,7 @@ bash scripts/postgres.sh # PostgreSQL server binaries for tests/test_search.py
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy
-.venv/bin/python -m pytest tests "$@"
+.venv/bin/python -m pytest tests --durations=25 "$@" # the slowest tests, to keep CI short
 # Once more, the tests of every job that --precision auto decides, as the other kind of machine
 # would run them (LORAKIT_FAST_BF16 flips the bf16 decision: AMX <-> AVX2-only), and offline as
 # offline users run (HF_HUB_OFFLINE=1): neither may change a verdict.

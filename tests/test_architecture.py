@@ -64,6 +64,7 @@ LAYERS = {
         "batcher",
         "protocol",
         "serve",
+        "runs",
         "sweep",
         "search",
         "tracking",

@@ -23,11 +23,8 @@ storage (default ``sqlite:///DIR/study.db``).
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
-import io
 import itertools
-import json
 import math
 import random
 import signal
@@ -46,13 +43,16 @@ import yaml
 from lorakit.atomic import write_text
 from lorakit.config import YamlLoader, load_config, save_config
 from lorakit.errors import LoraKitError
-from lorakit.sweep import (
-    _config_key,
-    _die_with_parent,
-    _label,
-    _last_line,
-    _split_values,
+from lorakit.runs import (
     check_overrides,
+    config_key,
+    die_with_parent,
+    eval_records,
+    label,
+    last_line,
+    read_json,
+    split_values,
+    write_csv,
     write_plan,
 )
 
@@ -77,12 +77,12 @@ class Param:
 
     def describe(self) -> Any:
         if self.choices:
-            return [_label(v) for v in self.choices]
+            return [label(v) for v in self.choices]
         return {"low": self.low, "high": self.high, "log": self.log, "int": self.integer}
 
     def suggest(self, trial: Any) -> Any:
         if self.choices:
-            labels = [_label(v) for v in self.choices]
+            labels = [label(v) for v in self.choices]
             return self.choices[labels.index(trial.suggest_categorical(self.key, labels))]
         if self.integer:
             return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
@@ -97,7 +97,7 @@ def parse_param(spec: str) -> Param:
             f"--grid {spec!r}: expected KEY=V1,V2,... or KEY=LOW..HIGH[:log] "
             "(e.g. learning_rate=1e-4..1e-2:log)"
         )
-    dotted = _config_key(key.strip())
+    dotted = config_key(key.strip())
     text = text.strip()
     if ".." in text and not text.startswith("["):
         bounds, _, scale = text.partition(":")
@@ -116,14 +116,14 @@ def parse_param(spec: str) -> Param:
         integer = isinstance(low, int) and isinstance(high, int)
         return Param(dotted, (), float(low), float(high), scale == "log", integer)
     values = []
-    for raw in _split_values(text):
+    for raw in split_values(text):
         try:
             values.append(yaml.load(raw, Loader=YamlLoader))
         except yaml.YAMLError:
             raise LoraKitError(f"--grid {spec!r}: cannot read the value {raw!r}") from None
-    if not values or any(v is None for v in values) and "" in _split_values(text):
+    if not values or any(v is None for v in values) and "" in split_values(text):
         raise LoraKitError(f"--grid {spec!r}: an empty value")
-    labels = [_label(v) for v in values]
+    labels = [label(v) for v in values]
     if len(set(labels)) != len(labels):
         raise LoraKitError(f"--grid {spec!r}: a value is listed twice")
     return Param(dotted, tuple(values))
@@ -202,7 +202,7 @@ class Search:
                 try:
                     load_config(config_path, {**overrides, p.key: value})
                 except LoraKitError as e:
-                    raise LoraKitError(f"--grid {p.short}={_label(value)}: {e}") from None
+                    raise LoraKitError(f"--grid {p.short}={label(value)}: {e}") from None
         size = math.prod(len(p.choices) for p in params) if sampler == "grid" else 0
         if trials < 0 or (not trials and sampler != "grid"):
             raise LoraKitError(f"--search {sampler} needs --trials N (N >= 1)")
@@ -292,7 +292,7 @@ class Search:
                 # under the claim lock, so none runs twice (Optuna's GridSampler stops the
                 # study from inside Study.optimize, which a worker of its own does not run).
                 points = list(
-                    itertools.product(*([_label(v) for v in p.choices] for p in self.params))
+                    itertools.product(*([label(v) for v in p.choices] for p in self.params))
                 )
                 random.Random(self.seed).shuffle(points)
                 for point in points[: self.trials]:  # --trials below the grid's size: a sample
@@ -385,7 +385,7 @@ class Search:
             show(f"✘ trial {trial.number}: {e}")
             return False
         save_config(config, config_file)
-        spelled = ", ".join(f"{k.rpartition('.')[2]}={_label(v)}" for k, v in values.items())
+        spelled = ", ".join(f"{k.rpartition('.')[2]}={label(v)}" for k, v in values.items())
         show(f"▶ trial {trial.number} ({name}): {spelled}")
         log_path = self.out / "logs" / f"{name}.log"
         try:
@@ -400,15 +400,15 @@ class Search:
             self.study.tell(trial, state=TrialState.PRUNED)
             show(f"✂ trial {trial.number} pruned at step {pruned}")
             return True
-        summary = _read_json(run_dir / "summary.json")
+        summary = read_json(run_dir / "summary.json")
         if code == 0 and summary is not None:
             value = self._score(summary)
             self.study.tell(trial, value)
             show(f"✔ trial {trial.number}: {self.selected_on} {self.metric} {value:.4f}")
             return True
-        trial.set_user_attr("error", _last_line(log_path))
+        trial.set_user_attr("error", last_line(log_path))
         self.study.tell(trial, state=TrialState.FAIL)
-        show(f"✘ trial {trial.number}: {_last_line(log_path)}")
+        show(f"✘ trial {trial.number}: {last_line(log_path)}")
         return False
 
     def _launch(
@@ -474,13 +474,13 @@ class Search:
                 cmd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 pass_fds=(lock_fd,),
             )
             try:
                 while True:
                     running = child.poll() is None  # then read: an exited run's file is whole
-                    evals = _evals(metrics)
+                    evals = eval_records(metrics)
                     for record in evals[reported:]:
                         if key in record:
                             trial.report(float(record[key]), int(record["step"]))
@@ -515,8 +515,8 @@ class Search:
             if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
                 continue
             name = t.user_attrs.get("run", f"trial-{t.number:03d}")
-            summary = _read_json(self.out / "runs" / name / "summary.json") or {}
-            evals = _evals(self.out / "runs" / name / "metrics.jsonl")
+            summary = read_json(self.out / "runs" / name / "summary.json") or {}
+            evals = eval_records(self.out / "runs" / name / "metrics.jsonl")
             last = evals[-1] if evals else {}
             score = t.value if t.state == TrialState.COMPLETE else _last_value(t)
             row: dict[str, Any] = {"trial": t.number, "run": name, "state": t.state.name.lower()}
@@ -535,12 +535,7 @@ class Search:
         rows = self.rows()
         if not rows:
             return
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(self.out / "sweep.csv", buffer.getvalue())
+        write_csv(self.out / "sweep.csv", rows)
         write_text(self.out / "sweep.md", self.markdown(rows))
         self._plots(rows)
 
@@ -573,7 +568,7 @@ class Search:
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for i, r in enumerate(rows, 1):
             cells = [str(i), str(r["trial"]), r["state"]]
-            cells += [_label(r[p.short]) if p.choices else f"{r[p.short]:.4g}" for p in self.params]
+            cells += [label(r[p.short]) if p.choices else f"{r[p.short]:.4g}" for p in self.params]
             cells += [_pct(r[key]), _pct(r[f"validation_{self.metric}"]), str(r["steps"] or "")]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join([*lines, ""])
@@ -590,7 +585,7 @@ class Search:
         fig, ax = plt.subplots(figsize=(7, 4))
         for state, marker in (("complete", "o"), ("pruned", "x")):
             chosen = [r for r in rows if r["state"] == state and r[key] is not None]
-            xs = [_label(r[first.short]) if first.choices else r[first.short] for r in chosen]
+            xs = [label(r[first.short]) if first.choices else r[first.short] for r in chosen]
             ax.scatter(xs, [100 * r[key] for r in chosen], marker=marker, label=state)
         if not first.choices and first.log:
             ax.set_xscale("log")
@@ -617,7 +612,7 @@ class Search:
         if not rows:
             return ""
         r = rows[0]
-        spelled = ", ".join(f"{p.short}={_label(r[p.short])}" for p in self.params)
+        spelled = ", ".join(f"{p.short}={label(r[p.short])}" for p in self.params)
         key = f"{self.selected_on}_{self.metric}"
         return (
             f"🏆 best on {self.selected_on}: trial {r['trial']} ({spelled}): {self.metric} "
@@ -641,28 +636,3 @@ def _last_value(trial: Any) -> float | None:
     if not trial.intermediate_values:
         return None
     return float(trial.intermediate_values[max(trial.intermediate_values)])
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data
-
-
-def _evals(path: Path) -> list[dict[str, Any]]:
-    """The eval records of a metrics.jsonl so far (a half-written last line is left out)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("kind") == "eval":
-            out.append(record)
-    return out

@@ -17,8 +17,6 @@ one from its checkpoint, and starts the rest.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import math
@@ -35,15 +33,21 @@ from typing import Any
 import yaml
 
 from lorakit.atomic import write_text
-from lorakit.config import Config, YamlLoader, flag_table, load_config, save_config
+from lorakit.config import Config, YamlLoader, load_config, save_config
 from lorakit.errors import LoraKitError
+from lorakit.runs import (
+    check_overrides,
+    config_key,
+    die_with_parent,
+    label,
+    last_line,
+    split_values,
+    tail,
+    write_csv,
+    write_plan,
+)
 
-# Keys the sweep sets for every run itself.
-OWN_KEYS = ("training.output_dir", "training.resume", "training.overwrite")
-# Keys that would make runs unattended: uploads belong after choosing, not inside a sweep.
-REFUSED_KEYS = ("training.push_to_hub",)
 SEED = "training.seed"
-PLAN_NAME = "sweep.json"
 
 
 @dataclass(frozen=True)
@@ -70,34 +74,6 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _config_key(name: str) -> str:
-    """A dotted config key from a dotted key or a flag name (``rank``, ``lora_r``, ``lr``...)."""
-    table = flag_table()
-    if name in table:
-        return name
-    for dotted, (names, _, _) in table.items():
-        if name in names:
-            return dotted
-    raise LoraKitError(f"--grid: unknown config key {name!r} (use a train flag name or lora.rank)")
-
-
-def _split_values(text: str) -> list[str]:
-    """``a;b`` splits on ``;``; otherwise on commas outside brackets (``[q,v],[q,k,v]``)."""
-    if ";" in text:
-        return [v.strip() for v in text.split(";")]
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    parts.append(current.strip())
-    return parts
-
-
 def parse_grid(spec: str) -> Axis:
     """``KEY=V1,V2,...`` (or ``KEY=V1;V2`` when values hold commas) into an ``Axis``.
 
@@ -107,14 +83,14 @@ def parse_grid(spec: str) -> Axis:
     if not sep or not key.strip() or not text.strip():
         raise LoraKitError(f"--grid {spec!r}: expected KEY=V1,V2,... (e.g. lora.rank=4,8,16)")
     values = []
-    for raw in _split_values(text):
+    for raw in split_values(text):
         if not raw:
             raise LoraKitError(f"--grid {spec!r}: an empty value")
         try:
             values.append(yaml.load(raw, Loader=YamlLoader))
         except yaml.YAMLError:
             raise LoraKitError(f"--grid {spec!r}: cannot read the value {raw!r}") from None
-    return Axis(_config_key(key.strip()), tuple(values))
+    return Axis(config_key(key.strip()), tuple(values))
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -127,48 +103,8 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _label(value: Any) -> str:
-    """A value as it appears in run names and tables: lists joined by ``+``."""
-    if isinstance(value, list):
-        return "+".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,+=-]+", "_", text)
-
-
-def check_overrides(overrides: dict[str, Any], swept: Sequence[str]) -> None:
-    """Refuse flags the sweep sets itself, uploads, and flags that set a swept key."""
-    for key in (*OWN_KEYS, *REFUSED_KEYS):
-        if key in overrides:
-            raise LoraKitError(f"lorakit sweep sets {key} itself; do not pass it")
-    both = [key for key in swept if key in overrides]
-    if both:  # the grid would silently win over the flag
-        raise LoraKitError(f"--grid sweeps {both[0]}, which a flag also sets; drop one")
-
-
-def write_plan(out: Path, plan: dict[str, Any], may_hold: Sequence[str] = ()) -> None:
-    """Write ``out``'s sweep.json and its folders, unless ``out`` holds another sweep (a
-    different plan) or other files than ``may_hold``; the same plan is a rerun, continued."""
-    plan_path = out / PLAN_NAME
-    if plan_path.is_file():
-        try:
-            saved = json.loads(plan_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise LoraKitError(f"cannot read {plan_path}: {e}") from None
-        if saved != json.loads(json.dumps(plan)):
-            raise LoraKitError(
-                f"{out} holds another sweep ({plan_path} differs); rerun that sweep's "
-                "command to continue it, or choose a new --output_dir"
-            )
-    elif out.exists() and any(p.name not in may_hold for p in out.iterdir()):
-        raise LoraKitError(f"output_dir {out} is not empty and holds no sweep")
-    for sub in ("configs", "logs", "runs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    write_text(plan_path, json.dumps(plan, indent=2) + "\n")
 
 
 def plan_runs(axes: Sequence[Axis], seeds: Sequence[int]) -> list[Run]:
@@ -181,7 +117,7 @@ def plan_runs(axes: Sequence[Axis], seeds: Sequence[int]) -> list[Run]:
     runs, seen = [], set()
     for combo in itertools.product(*(a.values for a in axes)):
         pairs = zip(axes, combo, strict=True)
-        point = _safe(",".join(f"{a.short}={_label(v)}" for a, v in pairs) or "base")
+        point = _safe(",".join(f"{a.short}={label(v)}" for a, v in pairs) or "base")
         if point in seen:
             raise LoraKitError(f"--grid: two points would share the name {point!r}")
         seen.add(point)
@@ -303,7 +239,7 @@ class Sweep:
         if code == 0 and summary is not None:
             run.status, run.summary, run.detail = "done", summary, ""
         else:
-            run.status, run.detail = "failed", _last_line(log_path)
+            run.status, run.detail = "failed", last_line(log_path)
         self.write_results()
         self._refresh(show)
         return run.status == "done"
@@ -317,7 +253,7 @@ class Sweep:
                     self.command(run),
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
                 while current.poll() is None:
                     run.detail = self._progress(run, time.monotonic() - started)
@@ -357,7 +293,7 @@ class Sweep:
             s = run.summary
             metric = s.get("best_metric_name", "accuracy")
             row: dict[str, Any] = {"run": run.name, "point": run.point}
-            row.update({a.short: _label(run.values[a.key]) for a in self.axes})
+            row.update({a.short: label(run.values[a.key]) for a in self.axes})
             row["seed"] = run.values[SEED]
             row.update(
                 method=s.get("method", "lora"),
@@ -379,12 +315,7 @@ class Sweep:
 
     def write_results(self) -> None:
         rows = self.rows()
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(self.out / "sweep.csv", buffer.getvalue())
+        write_csv(self.out / "sweep.csv", rows)
         points = summarize(rows, [a.short for a in self.axes], self.selected_on)
         write_text(self.out / "sweep.md", self.markdown(points))
         if points:
@@ -516,28 +447,13 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{_mean(values):.2f} ± {std(values):.2f}"
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the sweep dies (Linux), so a killed sweep's run checkpoints
-    and stops instead of running on beside the rerun."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _weights_kib(directory: Path) -> float | None:
     files = list(directory.glob("*.safetensors"))
     return round(sum(f.stat().st_size for f in files) / 1024, 1) if files else None
 
 
-def _last_line(path: Path) -> str:
-    lines = [ln for ln in _tail(path).splitlines() if ln.strip()]
-    return lines[-1].strip()[:200] if lines else "no output"
-
-
 def _last_record(path: Path) -> dict[str, Any] | None:
-    for line in reversed(_tail(path).splitlines()):
+    for line in reversed(tail(path).splitlines()):
         try:
             record: dict[str, Any] = json.loads(line)
         except ValueError:
@@ -545,12 +461,3 @@ def _last_record(path: Path) -> dict[str, Any] | None:
         if record.get("kind") == "train":
             return record
     return None
-
-
-def _tail(path: Path, size: int = 8192) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - size))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
