@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 
 import pytest
 import torch
@@ -197,3 +198,17 @@ def write_sentiment_rows(path, n: int, seed: int = 0, header: str = "sentence\tl
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Deliver a real SIGINT (Ctrl-C) right after optimizer step ``step`` (counted from 1)."""
+    from lorakit.loop import Loop
+
+    original = Loop._optimizer_step
+
+    def step_then_signal(self: Loop) -> None:
+        original(self)
+        if self.state.global_step + 1 == step:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Loop, "_optimizer_step", step_then_signal)

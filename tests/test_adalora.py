@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import interrupt_at, make_batch, make_model
 from safetensors.torch import load_file
 
 from lorakit import LoraKitError, load_adapter, save_adapter
@@ -286,21 +286,11 @@ def test_training_adalora_ends_at_the_target_budget_and_peft_reads_the_adapter(
 def test_ctrl_c_then_resume_reproduces_an_adalora_run(
     env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import signal
-
-    from lorakit.train import Loop
 
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(_train_args(env, full)) == 0
-    original = Loop._optimizer_step
-
-    def step_then_signal(self: Loop) -> None:
-        original(self)
-        if self.state.global_step + 1 == 10:  # mid budget: some triplets masked
-            signal.raise_signal(signal.SIGINT)
-
     with monkeypatch.context() as m:
-        m.setattr(Loop, "_optimizer_step", step_then_signal)
+        interrupt_at(m, 10)  # mid budget: some triplets masked
         assert main(_train_args(env, split)) == 130
     assert main(["train", "--resume", "--output_dir", str(split)]) == 0
     a = load_file(str(full / "final" / "adapter_model.safetensors"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model_dir, write_sentiment_rows
+from conftest import interrupt_at, save_tiny_model_dir, write_sentiment_rows
 from safetensors.torch import load_file
 from tiny_adapter import make_adapter, make_base
 
@@ -75,22 +75,12 @@ def test_fp16_ctrl_c_then_resume_on_cuda_is_exact(
     env: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CUDA's RNG and the GradScaler's scale come back from the checkpoint."""
-    import signal
-
-    from lorakit.train import Loop
 
     whole, split = env["root"] / "whole", env["root"] / "split"
     flags = ("--device", "cuda", "--precision", "fp16", "--dropout", "0.1")
     assert main(_train_args(env, whole, *flags)) == 0
-    original = Loop._optimizer_step
-
-    def step_then_signal(self: Loop) -> None:
-        original(self)
-        if self.state.global_step + 1 == 3:
-            signal.raise_signal(signal.SIGINT)
-
     with monkeypatch.context() as m:
-        m.setattr(Loop, "_optimizer_step", step_then_signal)
+        interrupt_at(m, 3)
         assert main(_train_args(env, split, *flags)) == 130
     assert main(["train", "--resume", "--output_dir", str(split)]) == 0
     a = load_file(str(whole / "final" / "adapter_model.safetensors"))

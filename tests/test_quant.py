@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, make_batch, make_model, save_tiny_model_dir, write_sentiment_rows
+from conftest import (
+    FAMILIES,
+    interrupt_at,
+    make_batch,
+    make_model,
+    save_tiny_model_dir,
+    write_sentiment_rows,
+)
 from transformers import AutoModelForSequenceClassification
 
 from lorakit.adapter import read_adapter_config
@@ -386,11 +393,7 @@ def test_a_peft_lora_adapter_runs_on_an_nf4_base_as_peft_on_the_dequantized_weig
 def test_ctrl_c_then_resume_on_an_nf4_base_reproduces_the_run(
     trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import signal
-
     from safetensors.torch import load_file
-
-    from lorakit.train import Loop
 
     def args(out: Path) -> list[str]:
         return [
@@ -402,15 +405,8 @@ def test_ctrl_c_then_resume_on_an_nf4_base_reproduces_the_run(
 
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(args(full)) == 0
-    original = Loop._optimizer_step
-
-    def step_then_signal(self: Loop) -> None:
-        original(self)
-        if self.state.global_step + 1 == 8:  # mid epoch 2 (6 steps an epoch)
-            signal.raise_signal(signal.SIGINT)
-
     with monkeypatch.context() as m:
-        m.setattr(Loop, "_optimizer_step", step_then_signal)
+        interrupt_at(m, 8)  # mid epoch 2 (6 steps an epoch)
         assert main(args(split)) == 130
     assert main(["train", "--resume", "--output_dir", str(split)]) == 0
     a = load_file(str(full / "final" / "adapter_model.safetensors"))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model_dir, write_sentiment_rows
+from conftest import interrupt_at, save_tiny_model_dir, write_sentiment_rows
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -148,20 +147,12 @@ def test_full_fine_tuning_writes_a_plain_model_that_lorakit_predicts_with(
 def test_full_fine_tuning_resumes_to_the_uninterrupted_result(
     env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lorakit.train import Loop
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     extra = ("--method", "full", "--learning_rate", "1e-3", "--dev_split", "16")
     _train(env, whole, *extra)
-    original = Loop._optimizer_step
-
-    def step_then_signal(self: Loop) -> None:
-        original(self)
-        if self.state.global_step + 1 == 7:  # mid epoch 2 (6 steps per epoch)
-            signal.raise_signal(signal.SIGINT)
-
     with monkeypatch.context() as m:
-        m.setattr(Loop, "_optimizer_step", step_then_signal)
+        interrupt_at(m, 7)  # mid epoch 2 (6 steps per epoch)
         with pytest.raises(AssertionError):
             _train(env, split, *extra)  # exits 130 with a checkpoint
     assert (split / "checkpoint" / "trained.safetensors").is_file()

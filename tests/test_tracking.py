@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model_dir, write_sentiment_rows
+from conftest import interrupt_at, save_tiny_model_dir, write_sentiment_rows
 
 from lorakit.cli import main
-from lorakit.train import Loop
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -76,15 +74,8 @@ def test_mlflow_run_has_params_metrics_and_the_adapter_and_resume_continues_it(
     import mlflow
 
     out = tmp_path / "run"
-    original = Loop._optimizer_step
-
-    def step_then_signal(self: Loop) -> None:
-        original(self)
-        if self.state.global_step == 5:  # mid epoch 2 (5 steps an epoch)
-            signal.raise_signal(signal.SIGINT)
-
     with monkeypatch.context() as m:
-        m.setattr(Loop, "_optimizer_step", step_then_signal)
+        interrupt_at(m, 6)  # mid epoch 2 (5 steps an epoch)
         assert main(_args(env, out, "--report_to", "mlflow")) == 130
     runs = mlflow.search_runs(experiment_names=["lorakit-test"])
     assert len(runs) == 1 and runs.loc[0, "status"] == "KILLED"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model_dir, write_sentiment_rows
+from conftest import interrupt_at, save_tiny_model_dir, write_sentiment_rows
 from safetensors.torch import load_file
 
 from lorakit.adapter import read_adapter_config
@@ -122,25 +121,13 @@ def test_a_change_of_thread_count_is_logged(
     assert log.count("⚙") == (1 if threads > 1 else 0)  # said once, not at every step
 
 
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Deliver a real SIGINT right after optimizer step ``step``."""
-    original = Loop._optimizer_step
-
-    def step_then_signal(self: Loop) -> None:
-        original(self)
-        if self.state.global_step + 1 == step:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(Loop, "_optimizer_step", step_then_signal)
-
-
 def test_ctrl_c_then_resume_reproduces_uninterrupted_run(
     env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(_args(env, full)) == 0
     with monkeypatch.context() as m:
-        _interrupt_at(m, 9)  # mid epoch 2 (6 steps per epoch)
+        interrupt_at(m, 9)  # mid epoch 2 (6 steps per epoch)
         assert main(_args(env, split)) == 130
     state = json.loads((split / "checkpoint" / "trainer_state.json").read_text())
     assert state["global_step"] == 9 and state["epoch"] == 1
@@ -165,7 +152,7 @@ def test_resume_refuses_settings_that_change_the_run(
 ) -> None:
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        _interrupt_at(m, 3)
+        interrupt_at(m, 3)
         assert main(_args(env, out)) == 130
     before = (out / "checkpoint" / "trainer_state.json").read_text()
     capsys.readouterr()
@@ -185,7 +172,7 @@ def test_fp16_loss_scale_survives_resume(
 ) -> None:
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        _interrupt_at(m, 3)
+        interrupt_at(m, 3)
         assert main(_args(env, out, "--precision", "fp16")) == 130
     path = out / "checkpoint" / "optimizer.pt"
     blob = torch.load(path, weights_only=True)
@@ -470,7 +457,7 @@ def test_resume_maps_saved_tensors_to_the_cpu_first(
         # While saving, every storage is tagged "elsewhere", a device no loader knows.
         m.setattr(serialization, "_package_registry", list(serialization._package_registry))
         serialization.register_package(1, lambda s: "elsewhere", lambda s, location: None)
-        _interrupt_at(m, 3)
+        interrupt_at(m, 3)
         assert main(_args(env, out)) == 130
     path = out / "checkpoint" / "optimizer.pt"
     with pytest.raises(RuntimeError, match="elsewhere"):  # what torch.load does without a map
@@ -543,7 +530,7 @@ def test_a_checkpoint_with_other_optimizer_groups_is_a_clear_error(
     """A checkpoint of a lorakit that kept every trainable tensor in one AdamW group."""
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        _interrupt_at(m, 3)
+        interrupt_at(m, 3)
         assert main(_args(env, out)) == 130
     path = out / "checkpoint" / "optimizer.pt"
     blob = torch.load(path, weights_only=True)
