@@ -235,12 +235,21 @@ def publish(text: str, print_only: bool) -> None:
             f.write("\n" + text)
 
 
+# The flags that decide what bf16 costs here (native with AMX or AVX512-BF16, emulated without).
+BF16_FLAGS = ("avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
 def cpu_name() -> str:
+    """The CPU, its cores and its bf16 flags, as every benchmark record names the machine."""
     cores = len(os.sched_getaffinity(0))
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({cores} cores)"
-    return f"{platform.processor()} ({cores} cores)"
+    fields: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first core's lines
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor()
+    flags = set(fields.get("flags", "").split())
+    have = " ".join(f for f in BF16_FLAGS if f in flags) or "no " + "/".join(BF16_FLAGS)
+    return f"{name} ({cores} cores; {have})"
 
 
 def main() -> None:
