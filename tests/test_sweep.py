@@ -90,6 +90,38 @@ def test_bad_values_fail_before_anything_is_written(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_more_seeds_or_grid_values_extend_a_sweep_and_keep_its_finished_runs(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "sweep"
+    Sweep(None, [Axis("lora.rank", (2,))], [0], {"training.dev_split": 32}, out).prepare()
+    finished = out / "runs" / "rank=2,seed=0"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text(json.dumps({"best_eval": {"accuracy": 0.5}}))
+    wider = Sweep(None, [Axis("lora.rank", (2, 4))], [0, 1], {"training.dev_split": 32}, out)
+    wider.prepare()
+    assert [(r.name, r.status) for r in wider.runs] == [
+        ("rank=2,seed=0", "done"),
+        ("rank=2,seed=1", "left"),
+        ("rank=4,seed=0", "left"),
+        ("rank=4,seed=1", "left"),
+    ]
+    plan = json.loads((out / "sweep.json").read_text())
+    assert plan["seeds"] == [0, 1] and plan["grid"] == {"lora.rank": [2, 4]}
+    assert (out / "configs" / "rank=4,seed=1.yaml").is_file()
+    # Dropping a seed or a value, adding an axis or changing a fixed flag is another sweep;
+    # the refused command leaves the saved plan as it was.
+    for axes, seeds, overrides in [
+        ([Axis("lora.rank", (2, 4))], [1], {"training.dev_split": 32}),
+        ([Axis("lora.rank", (4,))], [0, 1], {"training.dev_split": 32}),
+        ([Axis("lora.rank", (2, 4)), Axis("lora.alpha", (8,))], [0, 1], {"training.dev_split": 32}),
+        ([Axis("lora.rank", (2, 4))], [0, 1], {"training.dev_split": 64}),
+    ]:
+        with pytest.raises(LoraKitError, match="holds another sweep"):
+            Sweep(None, axes, seeds, overrides, out).prepare()
+    assert json.loads((out / "sweep.json").read_text()) == plan
+
+
 def _row(point: str, seed: int, dev: float, val: float) -> dict:
     return {
         "point": point,

@@ -70,16 +70,20 @@ def check_overrides(overrides: dict[str, Any], swept: Sequence[str]) -> None:
         raise LoraKitError(f"--grid sweeps {both[0]}, which a flag also sets; drop one")
 
 
-def write_plan(out: Path, plan: dict[str, Any], may_hold: Sequence[str] = ()) -> None:
-    """Write ``out``'s sweep.json and its folders, unless ``out`` holds another sweep (a
-    different plan) or other files than ``may_hold``; the same plan is a rerun, continued."""
+def write_plan(
+    out: Path, plan: dict[str, Any], may_hold: Sequence[str] = (), grows: Sequence[str] = ()
+) -> None:
+    """Write ``out``'s sweep.json and its folders, unless ``out`` holds another sweep or other
+    files than ``may_hold``. The same plan is a rerun, continued; a plan whose ``grows`` entries
+    hold everything the saved ones do (more seeds, more grid values) and is the same otherwise
+    extends the saved sweep."""
     plan_path = out / PLAN_NAME
     if plan_path.is_file():
         try:
             saved = json.loads(plan_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise LoraKitError(f"cannot read {plan_path}: {e}") from None
-        if saved != json.loads(json.dumps(plan)):
+        if not _extends(json.loads(json.dumps(plan)), saved, grows):
             raise LoraKitError(
                 f"{out} holds another sweep ({plan_path} differs); rerun that sweep's "
                 "command to continue it, or choose a new --output_dir"
@@ -89,6 +93,22 @@ def write_plan(out: Path, plan: dict[str, Any], may_hold: Sequence[str] = ()) ->
     for sub in ("configs", "logs", "runs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     write_text(plan_path, json.dumps(plan, indent=2) + "\n")
+
+
+def _extends(plan: Any, saved: Any, grows: Sequence[str]) -> bool:
+    """``plan`` equals ``saved`` but for the ``grows`` keys, whose lists (or dicts of lists)
+    may only have gained items."""
+    if not isinstance(plan, dict) or not isinstance(saved, dict) or plan.keys() != saved.keys():
+        return plan == saved
+    return all(_holds(plan[k], saved[k]) if k in grows else plan[k] == saved[k] for k in plan)
+
+
+def _holds(new: Any, old: Any) -> bool:
+    if isinstance(new, dict) and isinstance(old, dict):
+        return new.keys() == old.keys() and all(_holds(new[k], old[k]) for k in new)
+    if isinstance(new, list) and isinstance(old, list):
+        return all(item in new for item in old)
+    return bool(new == old)
 
 
 def die_with_parent() -> None:

@@ -171,8 +171,9 @@ class Sweep:
         }
 
     def prepare(self) -> None:
-        """Write the plan and the run configs; refuse a directory holding another sweep."""
-        write_plan(self.out, self.plan())
+        """Write the plan and the run configs; refuse a directory holding another sweep, but
+        extend this one when the command adds seeds or grid values (finished runs stay)."""
+        write_plan(self.out, self.plan(), grows=("grid", "seeds", "runs"))
         for run in self.runs:
             save_config(self.configs[run.name], self._config_file(run))
             summary = self._read_summary(run)
