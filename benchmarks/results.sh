@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sweeps behind docs/results.md, in order; each is resumable (rerun to continue).
-#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|mpnet-full|qlora|adalora|search]
+#   bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|mpnet-full|qlora|adalora|search|bf16]
 # short: the learning-rate, rank, target and baseline sweeps at the short budget (1 seed);
 # seeds: the two best points and the peer's best learning rate over 3 seeds, and the chosen
 #        checkpoints on out-of-domain reviews (set BEST1, BEST2 and PEER_LR, see below);
@@ -17,6 +17,9 @@
 #        with the same recipe, and the step time of both (benchmarks/adalora_step.py).
 # qlora: the shipped MiniLM recipe on an nf4 base against the full-precision base, 3 seeds at
 #        the short budget; then the memory table (benchmarks/qlora_memory.py).
+# bf16:  issue 24's training measurement, only on a CPU with native bf16 (AMX or AVX512-BF16):
+#        the shipped MiniLM recipe at full length in fp32 and in bf16, 3 seeds each, same dev;
+#        then the reviews and benchmarks/precision.py (inference speed) on a bf16 seed's adapter.
 # search: the tutorial's 8-trial grid, then an 8-trial TPE search by two workers sharing one
 #        study, at a tutorial budget (2,000 training rows, 1,000 dev rows, 64 tokens).
 set -euo pipefail
@@ -156,6 +159,20 @@ search)
   done
   wait
   ;;
-*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|qlora|adalora|search]" >&2
+bf16)
+  # Emulated bf16 (AVX2 only) trains ~75x slower than fp32: on such a CPU this would run for days
+  # and measure nothing new (bf16's accuracy does not depend on the CPU), so it refuses.
+  if ! .venv/bin/python -c "import sys; from lorakit.runtime import cpu_has_fast_bf16 as f; sys.exit(not f())"; then
+    echo "results.sh bf16: this CPU has no native bf16 (amx_bf16/avx512_bf16 in /proc/cpuinfo)" >&2
+    exit 1
+  fi
+  FULL=(--config configs/sst2_minilm.yaml --data_dir "$DATA" --dev_split 2000 --eval_steps 500)
+  $LK sweep "${FULL[@]}" --grid "precision=fp32,bf16" --seeds 0,1,2 --output_dir sweeps/precision
+  .venv/bin/python benchmarks/ood.py sweeps/precision/runs/* --data_dir "$DATA" \
+    --out benchmarks/results/ood_precision.jsonl
+  .venv/bin/python benchmarks/precision.py --adapter "sweeps/precision/runs/precision=bf16,seed=0/best" \
+    --data_dir "$DATA" --passes 2 --out benchmarks/results/precision_native_bf16.json
+  ;;
+*) echo "usage: bash benchmarks/results.sh [short|seeds|full|ceiling|mrpc|pooling|mpnet|mpnet-full|qlora|adalora|search|bf16]" >&2
    exit 2 ;;
 esac
