@@ -141,10 +141,15 @@ def test_pruning_stops_a_trial_whose_dev_score_is_hopeless(
     out = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="prune", storage=storage, direction="maximize")
-    for lr in (1e-2, 8e-3, 1e-7):  # two that learn, then one that cannot
-        study.enqueue_trial({"training.learning_rate": lr})
-    space = ["--grid", "learning_rate=1e-7..2e-2:log", "--storage", storage, "--study", "prune"]
-    args = _flags(env, out, "--search", "random", "--trials", "3", *space, "--num_epochs", "2")
+    # Two that learn for 2 epochs, then one that cannot, planned for 40: it is judged against
+    # the others' first 10 evaluations, and its 200 give the judgement time to reach it on a
+    # loaded machine (the worker reads the evaluations twice a second; a tiny one takes less).
+    for lr, epochs in ((1e-2, "2"), (8e-3, "2"), (1e-7, "40")):  # choices as spelled
+        study.enqueue_trial({"training.learning_rate": lr, "training.num_epochs": epochs})
+    space = ["--grid", "learning_rate=1e-7..2e-2:log", "--grid", "num_epochs=2,40"]
+    flags = ["--search", "random", "--trials", "3", "--storage", storage, "--study", "prune"]
+    args = _flags(env, out, *flags, *space)
+    del args[args.index("--num_epochs") : args.index("--num_epochs") + 2]  # the grid sets it
     assert main(args) == 0
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
@@ -153,7 +158,9 @@ def test_pruning_stops_a_trial_whose_dev_score_is_hopeless(
         (out / "runs" / t.user_attrs["run"] / "metrics.jsonl").read_text().count('"eval"')
         for t in trials
     ]
-    assert evals[2] < evals[0] == evals[1]  # it stopped early; its process exited cleanly
+    assert evals[0] == evals[1] == 10  # 80 rows, batch 8, an evaluation every 2 steps
+    assert evals[2] < 40 * 5  # it stopped early; its process exited cleanly
+    assert max(trials[2].intermediate_values) <= 20  # judged on the steps the others reached
     assert (out / "runs" / trials[2].user_attrs["run"] / "checkpoint").is_dir()
     assert "pruned" in (out / "sweep.md").read_text()
 
