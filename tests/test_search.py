@@ -170,7 +170,8 @@ def test_a_killed_workers_trial_is_retried_from_its_checkpoint(
 ) -> None:
     out = tmp_path / "sweep"
     flags = ["--search", "random", "--trials", "2", "--grid", "alpha=4,8", "--heartbeat", "1"]
-    args = _flags(env, out, *flags, "--pruner", "none", "--num_epochs", "3")
+    # 8 epochs (80 steps): time enough between its first checkpoint and its end for the kill
+    args = _flags(env, out, *flags, "--pruner", "none", "--num_epochs", "8")
     first = _worker(args, tmp_path / "killed.log")
     checkpoint = out / "runs" / "trial-000" / "checkpoint"
     deadline = time.monotonic() + 300
@@ -195,7 +196,7 @@ def test_sigterm_gives_the_running_trial_back_and_the_rerun_resumes_it(
     env: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "sweep"
-    flags = ["--search", "grid", "--grid", "alpha=4,8", "--pruner", "none", "--num_epochs", "3"]
+    flags = ["--search", "grid", "--grid", "alpha=4,8", "--pruner", "none", "--num_epochs", "8"]
     args = _flags(env, out, *flags)
     worker = _worker(args, tmp_path / "first.log")
     checkpoint = out / "runs" / "trial-000" / "checkpoint"
